@@ -1,0 +1,55 @@
+# Reelrank: the two README commands (`make run`, `make test`) and a few helpers. `make help` lists them.
+SHELL := /bin/bash
+VENV := .venv
+PYTHON ?= python3
+PROFILE ?= default
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+export BENTOML_DO_NOT_TRACK := true
+export DVC_NO_ANALYTICS := true
+# Hydra/Lightning/Matplotlib write nothing into $HOME by surprise in CI
+export MPLBACKEND := Agg
+
+.DEFAULT_GOAL := help
+.PHONY: help setup run test unit integration params lock sync-check lint clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+setup: $(VENV)/.installed ## create .venv and install the locked dependencies (torch==2.13.0 CPU first)
+
+$(VENV)/.installed: requirements.lock pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet torch==2.13.0
+	$(VENV)/bin/pip install --quiet -r requirements.lock
+	$(VENV)/bin/pip install --quiet --no-deps -e .
+	touch $@
+
+run: setup ## compose conf/ for PROFILE (default: default) into params.yaml and reproduce the pipeline
+	python -m reelrank.core profile=$(PROFILE)
+	dvc repro
+
+test: setup unit integration ## notebook unit tests (nbdev-test) then integration tests (pytest)
+
+unit: setup ## unit tests that live in the notebooks
+	nbdev-test --n-workers 2 --skip-folder-re '^(reports|explore)$$'
+
+integration: setup ## integration tests in tests/ (pytest)
+	pytest
+
+params: setup ## compose conf/ into params.yaml without running: make params PROFILE=smoke
+	python -m reelrank.core profile=$(PROFILE)
+
+lock: setup ## re-pin every dependency from the current .venv
+	{ head -2 requirements.lock; pip freeze --exclude-editable | sed 's/^torch==2.13.0+cpu$$/torch==2.13.0/'; } > requirements.lock.new
+	mv requirements.lock.new requirements.lock
+
+sync-check: setup ## fail when notebooks and src/reelrank are out of sync
+	nbdev-clean && nbdev-export
+	git status --porcelain -- notebooks src
+	test -z "$$(git status --porcelain -- notebooks src)"
+
+lint: setup ## ruff over the exported package and tests
+	ruff check src tests
+
+clean: ## remove the virtual environment
+	rm -rf $(VENV)
