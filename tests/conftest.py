@@ -1,0 +1,51 @@
+"""Shared fixtures: a throwaway copy of the project (its committed files) where DVC can run for real."""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = str(Path(sys.executable).parent)
+
+
+def project_env() -> dict:
+    "The environment stages run in: the project's venv first on PATH, no telemetry."
+    env = dict(os.environ)
+    env["PATH"] = VENV_BIN + os.pathsep + env.get("PATH", "")
+    env.update(BENTOML_DO_NOT_TRACK="true", DVC_NO_ANALYTICS="true", MPLBACKEND="Agg", PYTHONHASHSEED="0")
+    env.pop("DVC_EXP_NAME", None)
+    return env
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess:
+    "Run a command in `cwd`; on failure show its output."
+    proc = subprocess.run(cmd, cwd=cwd, env=project_env(), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def copy_project(dest: Path) -> Path:
+    "Copy the files git tracks (plus the working-tree versions of them) into `dest` and commit them there."
+    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.split("\0")
+    for name in filter(None, files):
+        src = ROOT / name
+        if src.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
+                ["git", "-c", "user.email=ci@reelrank.dev", "-c", "user.name=ci", "commit", "-qm", "copy"]):
+        subprocess.run(cmd, cwd=dest, check=True, capture_output=True)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def smoke_project(tmp_path_factory) -> Path:
+    "A project copy where `dvc exp run -S profile=smoke` has reproduced the whole pipeline."
+    project = copy_project(tmp_path_factory.mktemp("smoke_project"))
+    run(["dvc", "exp", "run", "-S", "profile=smoke"], project)
+    return project

@@ -1,0 +1,154 @@
+"""The DVC pipeline end to end on the smoke profile, in a temporary copy of the project: composition of conf/
+into params.yaml, every stage's outputs, a no-op rerun, byte-identical data stages, the batch CLI, and failures
+that leave earlier outputs intact."""
+import json
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import ROOT, run
+from reelrank.core import compose_config, md5_file
+
+MODELS = ["popularity", "ease", "ials", "two_tower"]
+
+
+def test_committed_params_equal_composition_of_conf():
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert params == compose_config(), "params.yaml is stale: run `make params` (or `dvc exp run`) and commit it"
+    assert params["profile"] == "default"
+
+
+def test_unknown_config_group_option_is_a_clear_error(tmp_path):
+    proc = run(["python", "-m", "reelrank.core", "model@models.ease=no_such_model"], tmp_path, check=False)
+    assert proc.returncode == 1
+    assert "Could not find 'model/no_such_model'" in proc.stderr and "ease" in proc.stderr
+
+
+def test_dvc_composes_the_smoke_profile(smoke_project):
+    params = yaml.safe_load((smoke_project / "params.yaml").read_text())
+    assert params == compose_config(["profile=smoke"])
+
+
+def test_every_stage_wrote_its_outputs(smoke_project):
+    for name in MODELS:
+        metrics = json.loads((smoke_project / "reports" / "metrics" / f"{name}.json").read_text())
+        for part in ("val", "test"):
+            assert {"ndcg@10", "recall@20", "hit_rate@10", "mrr@10", "coverage@10", "popularity@10"} <= set(metrics[part])
+            assert 0.0 <= metrics[part]["ndcg@10"] <= 1.0
+        recs = pd.read_parquet(smoke_project / "reports" / "recommendations" / f"{name}.parquet")
+        assert list(recs.columns) == ["user_id", "rank", "item_id", "score"]
+        assert recs.groupby("user_id")["rank"].max().max() == 100
+    card = json.loads((smoke_project / "models" / "selected" / "card.json").read_text())
+    best = max(MODELS, key=lambda n: card["leaderboard"][n]["val"]["ndcg@10"])
+    assert card["model"] == best
+    assert len(card["provenance"]["git_commit"]) == 40 and card["provenance"]["data_md5"] != "unknown"
+    assert (smoke_project / "models" / "selected" / "card.md").read_text().startswith("# Model card")
+
+
+def test_recommendations_are_recomputable_from_the_files(smoke_project):
+    "NDCG@10 recomputed from the top-k Parquet and the test split equals the metrics file."
+    import numpy as np
+    test = pd.read_parquet(smoke_project / "data" / "processed" / "test.parquet")
+    recs = pd.read_parquet(smoke_project / "reports" / "recommendations" / "ease.parquet")
+    relevant = test.groupby("user_id").item_id.apply(set)
+    ndcgs = []
+    for user, top in recs[recs["rank"] <= 10].groupby("user_id"):
+        gains = [1 / np.log2(r + 1) for r, i in zip(top["rank"], top["item_id"]) if i in relevant[user]]
+        ideal = sum(1 / np.log2(r + 2) for r in range(min(10, len(relevant[user]))))
+        ndcgs.append(sum(gains) / ideal)
+    metrics = json.loads((smoke_project / "reports" / "metrics" / "ease.json").read_text())
+    assert abs(np.mean(ndcgs) - metrics["test"]["ndcg@10"]) < 1e-6
+
+
+def test_second_repro_is_a_fast_no_op(smoke_project):
+    started = time.perf_counter()
+    proc = run(["dvc", "repro"], smoke_project)
+    elapsed = time.perf_counter() - started
+    print(f"no-op dvc repro: {elapsed:.2f} s")
+    assert "Running stage" not in proc.stdout
+
+
+def test_data_stages_are_byte_identical_when_forced(smoke_project):
+    def data_md5s():
+        lock = yaml.safe_load((smoke_project / "dvc.lock").read_text())["stages"]
+        return {stage: [out["md5"] for out in lock[stage]["outs"]] for stage in ("ingest", "validate", "split")}
+    before = data_md5s()
+    for stage in ("ingest", "validate", "split"):
+        run(["dvc", "repro", "--force", "--single-item", stage], smoke_project)
+    assert data_md5s() == before
+
+
+def test_batch_recommend_cli(smoke_project):
+    users = pd.read_parquet(smoke_project / "models" / "selected" / "interactions.parquet").user_id.unique()[:3]
+    out = smoke_project / "batch.parquet"
+    run(["python", "-m", "reelrank.recommend", "--users", *map(str, users), "999999999", "--k", "7",
+         "--out", str(out)], smoke_project)
+    recs = pd.read_parquet(out)
+    assert recs.groupby("user_id").size().to_dict() == {**{int(u): 7 for u in users}, 999999999: 7}
+    assert set(recs.loc[recs.user_id == 999999999, "fallback"]) == {"popularity"}
+    seen = pd.read_parquet(smoke_project / "models" / "selected" / "interactions.parquet")
+    overlap = recs.merge(seen, on=["user_id", "item_id"])
+    assert overlap.empty, "seen items must be excluded"
+
+
+@pytest.fixture()
+def outputs_snapshot(smoke_project):
+    "md5 of every data/model output, to prove a failed stage leaves them untouched."
+    def snapshot():
+        return {str(p.relative_to(smoke_project)): md5_file(p)
+                for d in ("data", "models/selected") for p in sorted((smoke_project / d).rglob("*")) if p.is_file()}
+    return snapshot
+
+
+def test_corrupt_raw_file_fails_validate_and_keeps_outputs(smoke_project, outputs_snapshot):
+    raw = smoke_project / "data" / "raw" / "interactions.parquet"
+    original = raw.read_bytes()
+    interim_before = {p.name: md5_file(p) for p in (smoke_project / "data" / "interim").iterdir()}
+    try:
+        raw.write_bytes(b"this is not parquet")
+        proc = run(["python", "-m", "reelrank.data", "validate"], smoke_project, check=False)
+        assert proc.returncode == 1
+        assert "interactions.parquet" in proc.stderr and "Traceback" not in proc.stderr
+        assert {p.name: md5_file(p) for p in (smoke_project / "data" / "interim").iterdir()} == interim_before
+    finally:
+        raw.write_bytes(original)
+
+
+def test_schema_violating_file_source_names_rule_and_keeps_outputs(smoke_project, outputs_snapshot, tmp_path):
+    before = outputs_snapshot()
+    bad = tmp_path / "ratings.csv"
+    bad.write_text("u,m,r,t\n1,10,4.0,1000000000\n1,11,9.5,1000000001\n2,10,3.0,1000000002\n")
+    params_file = tmp_path / "params.yaml"
+    params = compose_config(["data=file", f"data.path={bad}", "data.columns.user_id=u", "data.columns.item_id=m",
+                             "data.columns.rating=r", "data.columns.timestamp=t"])
+    params_file.write_text(yaml.safe_dump(params))
+    raw_tmp = tmp_path / "raw"
+    run(["python", "-c", f"from reelrank.data import ingest; import yaml; "
+         f"ingest(yaml.safe_load(open('{params_file}'))['data'], '{raw_tmp}')"], smoke_project)
+    proc = run(["python", "-c", f"from reelrank.core import run_cli; from reelrank.data import validate_stage; import yaml; "
+                f"run_cli(lambda a: validate_stage(yaml.safe_load(open('{params_file}'))['validate'], '{raw_tmp}', "
+                f"'data/interim', '{tmp_path}/validation.json'))"], smoke_project, check=False)
+    assert proc.returncode == 1
+    assert "rating_range" in proc.stderr and "1 " in proc.stderr and "rating=9.5" in proc.stderr
+    assert outputs_snapshot() == before
+
+
+def test_offline_url_source_fails_fast_through_dvc_and_keeps_outputs(smoke_project, outputs_snapshot):
+    before = outputs_snapshot()
+    params = smoke_project / "params.yaml"
+    original = params.read_text()
+    try:
+        composed = compose_config(["profile=smoke", "data=ml_100k",
+                                   "data.url=http://127.0.0.1:9/ml-100k.zip", "data.download_dir=data/no_such_dir"])
+        params.write_text(yaml.safe_dump(composed))
+        started = time.perf_counter()
+        proc = run(["dvc", "repro", "ingest"], smoke_project, check=False)
+        assert time.perf_counter() - started < 30
+        assert proc.returncode != 0
+        assert "http://127.0.0.1:9/ml-100k.zip" in proc.stdout + proc.stderr
+        assert outputs_snapshot() == before
+    finally:
+        params.write_text(original)
