@@ -19,7 +19,7 @@ from ..split import Catalog, HoldOut, Interactions
 # %% auto #0
 __all__ = ['MODEL_REGISTRY', 'FitContext', 'Recommender', 'model_class', 'build_model', 'save_model', 'load_model', 'sparse_rows']
 
-# %% ../../../notebooks/04_models_base.ipynb #fb2794a1
+# %% ../../../notebooks/04_models_base.ipynb #ad8535dc
 @dataclass
 class FitContext:
     "Training settings shared by all models of a run."
@@ -27,6 +27,7 @@ class FitContext:
     seed: int = 0
     log_dir: Path | None = None
     checkpoint_dir: Path | None = None
+    callbacks: list = field(default_factory=list)
 
 class Recommender:
     "Base class: subclasses set `family` and implement fit, score, save_weights and load_weights."
