@@ -10,7 +10,7 @@ export DVC_NO_ANALYTICS := true
 export MPLBACKEND := Agg
 
 .DEFAULT_GOAL := help
-.PHONY: help setup run test unit integration params lock sync-check lint clean
+.PHONY: help setup system-deps run test unit integration params accept-baseline lock sync-check lint clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -24,11 +24,14 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 	$(VENV)/bin/pip install --quiet --no-deps -e .
 	touch $@
 
+system-deps: ## install the Debian packages the tests need when missing (chromium for the report's browser test)
+	@command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+
 run: setup ## compose conf/ for PROFILE (default: default) into params.yaml and reproduce the pipeline
 	python -m reelrank.core profile=$(PROFILE)
 	dvc repro
 
-test: setup unit integration ## notebook unit tests (nbdev-test) then integration tests (pytest)
+test: setup system-deps unit integration ## notebook unit tests (nbdev-test) then integration tests (pytest)
 
 unit: setup ## unit tests that live in the notebooks
 	nbdev-test --n-workers 2 --skip-folder-re '^(reports|explore)$$'
@@ -38,6 +41,9 @@ integration: setup ## integration tests in tests/ (pytest)
 
 params: setup ## compose conf/ into params.yaml without running: make params PROFILE=smoke
 	python -m reelrank.core profile=$(PROFILE)
+
+accept-baseline: setup ## record the selected model's test metrics as the baseline: make accept-baseline PROFILE=smoke
+	python -m reelrank.report accept-baseline --profile $(PROFILE)
 
 lock: setup ## re-pin every dependency from the current .venv
 	{ head -2 requirements.lock; pip freeze --exclude-editable | sed 's/^torch==2.13.0+cpu$$/torch==2.13.0/'; } > requirements.lock.new
