@@ -5,12 +5,15 @@ PYTHON ?= python3
 PROFILE ?= default
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export BENTOML_DO_NOT_TRACK := true
+# the BentoML model and bento store of this checkout (BentoML's own default is ~/bentoml)
+export BENTOML_HOME ?= $(CURDIR)/.bentoml
+PORT ?= 3000
 export DVC_NO_ANALYTICS := true
 # Hydra/Lightning/Matplotlib write nothing into $HOME by surprise in CI
 export MPLBACKEND := Agg
 
 .DEFAULT_GOAL := help
-.PHONY: help setup system-deps run test unit integration params accept-baseline lock sync-check lint clean
+.PHONY: help setup system-deps run serve test unit integration params accept-baseline lock sync-check lint clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -30,6 +33,12 @@ system-deps: ## install the Debian packages the tests need when missing (chromiu
 run: setup ## compose conf/ for PROFILE (default: default) into params.yaml and reproduce the pipeline
 	python -m reelrank.core profile=$(PROFILE)
 	dvc repro
+
+serve: setup ## serve the packaged bento on 127.0.0.1:$PORT (default 3000); `make run` builds it
+	@test -f models/bento/bento.json || { echo "no bento yet: run make run (or dvc repro package)"; exit 1; }
+	@tag=$$(python -c 'import json; print(json.load(open("models/bento/bento.json"))["bento"])') && \
+	{ bentoml get "$$tag" > /dev/null 2>&1 || bentoml import "$(CURDIR)/models/bento/reelrank.tar"; } && \
+	exec bentoml serve "$$tag" --host 127.0.0.1 --port $(PORT)
 
 test: setup system-deps unit integration ## notebook unit tests (nbdev-test) then integration tests (pytest)
 

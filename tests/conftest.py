@@ -3,6 +3,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,9 +12,13 @@ ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = str(Path(sys.executable).parent)
 
 
+BENTOML_HOME = tempfile.mkdtemp(prefix="reelrank-bentoml-")
+
+
 def project_env() -> dict:
-    "The environment stages run in: the project's venv first on PATH, no telemetry."
+    "The environment stages run in: the project's venv first on PATH, no telemetry, a throwaway BentoML store."
     env = dict(os.environ)
+    env["BENTOML_HOME"] = BENTOML_HOME
     env["PATH"] = VENV_BIN + os.pathsep + env.get("PATH", "")
     env.update(BENTOML_DO_NOT_TRACK="true", DVC_NO_ANALYTICS="true", MPLBACKEND="Agg", PYTHONHASHSEED="0")
     env.pop("DVC_EXP_NAME", None)

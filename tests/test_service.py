@@ -1,0 +1,277 @@
+"""The BentoML service over real HTTP. A small EASE^R model, saved with the layout of models/selected, is packaged by
+`python -m reelrank.package` into a temporary BENTOML_HOME; the bento is served with `bentoml serve` on a free
+loopback port (bearer-token auth and request logging switched on through their environment variables) and stopped
+by killing its process group. Good and bad requests check the contract; a parity test checks that the service's
+top-k equals the batch CLI's from the same saved model."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from conftest import ROOT, VENV_BIN, project_env
+
+from reelrank.core import write_json, write_parquet
+from reelrank.models.base import save_model
+from reelrank.models.ease import EASE
+from reelrank.split import Catalog, Interactions
+
+TOKEN = "test-token-1234"
+MAX_BODY = 65536  # small enough to test 413 cheaply, large enough for a full batch of small requests
+UNKNOWN_USER, UNKNOWN_MOVIE = 999_999, 7
+
+
+def save_small_model(directory: Path) -> pd.DataFrame:
+    "EASE^R on 60 synthetic users x 80 movies, saved like models/selected (model, interactions, card)."
+    rng = np.random.default_rng(0)
+    items = pd.DataFrame({"item_id": np.arange(1, 81) * 10, "title": [f"Movie {i}" for i in range(1, 81)],
+                          "genres": "Drama", "year": 2000})
+    catalog = Catalog.from_frame(items)
+    rows = [(user, int(item), t) for user in range(1, 61)
+            for t, item in enumerate(rng.choice(items.item_id, size=rng.integers(3, 20), replace=False))]
+    interactions = pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp"])
+    model = EASE(catalog, {"l2": 10.0}).fit(Interactions.from_frame(interactions, catalog))
+    save_model(model, directory)
+    write_parquet(interactions, directory / "interactions.parquet")
+    write_json(directory / "card.json", {
+        "model": "ease", "family": "ease", "params": {"l2": 10.0}, "fitted_on": "synthetic", "metric": "ndcg@10",
+        "data": {"interactions": len(interactions), "users": 60, "items": 80},
+        "val": {"ndcg@10": 0.2}, "test": {"ndcg@10": 0.1},
+        "provenance": {"git_commit": "a" * 40, "data_md5": "0123456789abcdef.dir", "params_hash": "feedbeef"}})
+    return interactions
+
+
+@pytest.fixture(scope="module")
+def packaged(tmp_path_factory):
+    "The small model, packaged into a temporary BentoML home; yields (workdir, env, bento.json)."
+    work = tmp_path_factory.mktemp("service")
+    save_small_model(work / "selected")
+    serve = {**yaml.safe_load((ROOT / "conf" / "serve" / "default.yaml").read_text()), "max_body_bytes": MAX_BODY}
+    (work / "params.yaml").write_text(yaml.safe_dump({"serve": serve}))
+    env = {**project_env(), "BENTOML_HOME": str(work / "bentoml")}
+    proc = subprocess.run([sys.executable, "-m", "reelrank.package", "--params", str(work / "params.yaml"),
+                           "--model", str(work / "selected"), "--out", str(work / "bento")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return work, env, json.loads((work / "bento" / "bento.json").read_text())
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(packaged):
+    "`bentoml serve <bento>` on 127.0.0.1 with auth and request logging on; yields the base URL."
+    work, env, summary = packaged
+    port = free_port()
+    env = {**env, "REELRANK_API_TOKEN": TOKEN, "REELRANK_REQUEST_LOG_DIR": str(work / "requests")}
+    with open(work / "serve.log", "w") as log:
+        proc = subprocess.Popen([str(Path(VENV_BIN) / "bentoml"), "serve", summary["bento"], "--host", "127.0.0.1",
+                                 "--port", str(port)], cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, f"bentoml serve exited:\n{(work / 'serve.log').read_text()[-4000:]}"
+            assert time.monotonic() < deadline, f"not ready in 120 s:\n{(work / 'serve.log').read_text()[-4000:]}"
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with httpx.Client(base_url=server, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30) as http:
+        yield http
+
+
+def test_package_stage_outputs(packaged):
+    work, env, summary = packaged
+    assert summary["bento"].startswith("reelrank:") and summary["model"].startswith("reelrank-recommender:")
+    assert summary["labels"] | {"model": "ease"} == summary["labels"]
+    assert {k: summary["labels"][k] for k in ("git_commit", "data_md5", "params_hash")} == {
+        "git_commit": "a" * 40, "data_md5": "0123456789abcdef.dir", "params_hash": "feedbeef"}
+    assert summary["archive"] == "reelrank.tar" and (work / "bento" / "reelrank.tar").stat().st_size > 0
+    name, version = summary["model"].split(":")
+    stored = Path(env["BENTOML_HOME"]) / "models" / name / version
+    assert sorted(p.name for p in stored.iterdir() if p.name != "model.yaml") == [
+        "card.json", "ease.safetensors", "interactions.parquet", "items.parquet", "model.json"]
+    info = yaml.safe_load((stored / "model.yaml").read_text())
+    assert info["labels"]["git_commit"] == "a" * 40 and info["metadata"]["serve"]["max_body_bytes"] == MAX_BODY
+    assert info["metadata"]["card"]["test"] == {"ndcg@10": 0.1}
+
+
+def test_exported_archive_restores_the_bento_elsewhere(packaged, tmp_path):
+    "models/bento/ is what DVC tracks: importing its archive into an empty store gives the same bento and model."
+    work, env, summary = packaged
+    elsewhere = {**env, "BENTOML_HOME": str(tmp_path / "bentoml")}
+    bentoml_cli = str(Path(VENV_BIN) / "bentoml")
+    subprocess.run([bentoml_cli, "import", str(work / "bento" / summary["archive"])], env=elsewhere, check=True,
+                   capture_output=True, timeout=120)
+    for command in (["get", summary["bento"]], ["models", "get", summary["model"]]):
+        found = subprocess.run([bentoml_cli, *command], env=elsewhere, capture_output=True, timeout=60, check=False)
+        assert found.returncode == 0, found.stderr
+
+
+def test_probes_are_open_without_a_token(server):
+    for path in ("/livez", "/readyz", "/metrics"):
+        assert httpx.get(server + path).status_code == 200
+
+
+def test_recommend_known_user(client):
+    body = client.post("/recommend", json={"user_id": 1, "k": 5}).json()
+    assert len(body["items"]) == 5 and body["fallback"] is None and body["ignored_history"] == []
+    assert set(body["items"][0]) == {"movie_id", "title", "score"} and body["items"][0]["title"].startswith("Movie ")
+    assert body["model"]["name"] == "ease" and body["model"]["version"]
+    scores = [item["score"] for item in body["items"]]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_unknown_user_gets_flagged_popularity(client):
+    body = client.post("/recommend", json={"user_id": UNKNOWN_USER}).json()
+    assert body["fallback"] == "popularity" and len(body["items"]) == 10
+    assert client.post("/recommend", json={"history": []}).json()["items"] == body["items"]
+
+
+def test_unknown_history_movies_are_ignored_and_listed(client):
+    body = client.post("/recommend", json={"history": [10, UNKNOWN_MOVIE, 20], "k": 3}).json()
+    assert body["ignored_history"] == [UNKNOWN_MOVIE] and body["fallback"] is None
+    assert not {10, 20} & {item["movie_id"] for item in body["items"]}
+    only_unknown = client.post("/recommend", json={"history": [UNKNOWN_MOVIE]}).json()
+    assert only_unknown["fallback"] == "popularity" and only_unknown["ignored_history"] == [UNKNOWN_MOVIE]
+
+
+def test_similar(client):
+    body = client.post("/similar", json={"movie_id": 10, "k": 4}).json()
+    assert body["movie_id"] == 10 and len(body["items"]) == 4 and 10 not in [i["movie_id"] for i in body["items"]]
+    missing = client.post("/similar", json={"movie_id": UNKNOWN_MOVIE})
+    assert missing.status_code == 404 and f"movie {UNKNOWN_MOVIE} is not in the catalog" in missing.text
+
+
+def test_recommend_batch_answers_in_order(client):
+    requests = [{"user_id": 1, "k": 2}, {"user_id": UNKNOWN_USER, "k": 3}, {"history": [10], "exclude_seen": False}]
+    answers = client.post("/recommend_batch", json={"requests": requests}).json()
+    assert [len(a["items"]) for a in answers] == [2, 3, 10]
+    assert answers[0] == client.post("/recommend", json=requests[0]).json()
+    assert answers[1]["fallback"] == "popularity"
+
+
+MISTAKES = [  # (path, request keyword arguments, status, a fragment of the message)
+    ("/recommend", {"content": b'{"user_id": 1,'}, 400, "Invalid JSON"),
+    ("/recommend", {"content": b""}, 400, "give a user_id, a history"),
+    ("/recommend", {"json": {"user_id": "one"}}, 400, "user_id"),
+    ("/recommend", {"json": {"user_id": 1, "k": 0}}, 400, "greater than or equal to 1"),
+    ("/recommend", {"json": {"user_id": 1, "k": 101}}, 400, "less than or equal to 100"),
+    ("/recommend", {"json": {"user_id": 1, "k": 2.5}}, 400, "k"),
+    ("/recommend", {"json": {"user_id": 1, "exclude_seen": "no"}}, 400, "exclude_seen"),
+    ("/recommend", {"json": {"history": list(range(501))}}, 400, "at most 500"),
+    ("/recommend", {"json": {"history": [1, "2"]}}, 400, "history"),
+    ("/recommend", {"json": {"usr_id": 1}}, 400, "Extra inputs are not permitted"),
+    ("/recommend", {"json": [1, 2]}, 400, "validation error"),
+    ("/recommend", {"data": {"user_id": "1"}}, 415, "application/json"),
+    ("/recommend", {"content": b'{"history": [' + b"1," * 40000 + b"1]}"}, 413, f"{MAX_BODY} bytes"),
+    ("/recommend", {"content": iter([b'{"history": [', b"1," * 40000, b"1]}"])}, 413, f"{MAX_BODY} bytes"),
+    ("/similar", {"json": {"movie_id": -1}}, 400, "greater than or equal to 0"),
+    ("/similar", {"json": {}}, 400, "movie_id"),
+    ("/recommend_batch", {"json": {"requests": []}}, 400, "at least 1"),
+    ("/recommend_batch", {"json": {"requests": [{"user_id": 1}] * 1001}}, 400, "at most 1000"),
+    ("/recommend_batch", {"json": {"requests": [{"user_id": 1}, {"user_id": 2, "k": 500}]}}, 400, "requests"),
+]
+
+
+@pytest.mark.parametrize("path,kwargs,status,fragment", MISTAKES, ids=[f"{m[0]}-{i}" for i, m in enumerate(MISTAKES)])
+def test_client_mistakes_are_4xx_with_a_message(client, path, kwargs, status, fragment):
+    response = client.post(path, **kwargs)
+    assert response.status_code == status, response.text
+    assert fragment in response.text
+
+
+def test_wrong_method_and_missing_token(server, client):
+    assert client.get("/recommend").status_code == 405
+    no_token = httpx.post(f"{server}/recommend", json={"user_id": 1})
+    assert no_token.status_code == 401 and "bearer token" in no_token.json()["error"]
+    assert no_token.headers["www-authenticate"] == "Bearer"
+    wrong = httpx.post(f"{server}/recommend", json={"user_id": 1}, headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 401
+
+
+def test_parity_with_the_batch_cli(packaged, client):
+    "For the same users and k, the service returns exactly the batch CLI's top-k from the same saved model."
+    work, env, _ = packaged
+    users = [*range(1, 21), UNKNOWN_USER]
+    out = work / "batch.parquet"
+    subprocess.run([sys.executable, "-m", "reelrank.recommend", "--model", str(work / "selected"), "--users",
+                    *map(str, users), "--k", "10", "--out", str(out)], cwd=work, env=env, check=True,
+                   capture_output=True, timeout=120)
+    batch = pd.read_parquet(out)
+    served = client.post("/recommend_batch", json={"requests": [{"user_id": u} for u in users]}).json()
+    for user, answer in zip(users, served):
+        expected = batch[batch.user_id == user].sort_values("rank")
+        assert [i["movie_id"] for i in answer["items"]] == expected.item_id.tolist(), user
+        assert np.array_equal(np.float32([i["score"] for i in answer["items"]]), expected.score.to_numpy())
+        assert (answer["fallback"] or "") == expected.fallback.iloc[0]
+        single = client.post("/recommend", json={"user_id": user}).json()
+        assert single["items"] == answer["items"]
+
+
+def test_concurrent_calls_are_batched_and_answered_alike(server):
+    def metric_total(name: str) -> float:
+        lines = httpx.get(f"{server}/metrics").text.splitlines()
+        return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(name))
+
+    users = list(range(1, 33))
+    singles_before = metric_total('bentoml_service_adaptive_batch_size_bucket{le="1.0"')
+    batches_before = metric_total("bentoml_service_adaptive_batch_size_count")
+    with httpx.Client(base_url=server, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30,
+                      limits=httpx.Limits(max_connections=32)) as client, ThreadPoolExecutor(32) as pool:
+        expected = {u: client.post("/recommend", json={"user_id": u}).json()["items"] for u in users}
+        for _ in range(5):  # 160 concurrent calls: more than BentoML's default connection recycling period (100)
+            answers = list(pool.map(lambda u: client.post("/recommend", json={"user_id": u}), users))
+            assert [a.status_code for a in answers] == [200] * len(users)
+            assert all(a.json()["items"] == expected[u] for u, a in zip(users, answers))
+    batches = metric_total("bentoml_service_adaptive_batch_size_count") - batches_before
+    singles = metric_total('bentoml_service_adaptive_batch_size_bucket{le="1.0"') - singles_before
+    assert batches > singles, "no batch of more than one request was formed"
+
+
+def test_requests_are_logged(packaged, client):
+    work, _, _ = packaged
+    client.post("/recommend", json={"user_id": 3, "k": 2})
+    client.post("/similar", json={"movie_id": 10, "k": 3})
+    records = [json.loads(line) for path in (work / "requests" / "reelrank_requests" / "data").glob("*.log")
+               for line in path.read_text().splitlines()]
+    asked = {"user_id": 3, "history": None, "k": 2, "exclude_seen": True}
+    logged = [r for r in records if r["endpoint"] == "recommend" and json.loads(r["request"]) == asked]
+    assert logged and len(logged[-1]["movie_ids"]) == 2 and "timestamp" in logged[-1]
+    assert {r["endpoint"] for r in records} == {"recommend", "recommend_batch", "similar"}
+
+
+def test_no_request_ended_in_a_server_error(server, client):
+    "Runs last: every request above, good or bad, was answered without a 5xx."
+    errors = [line for line in httpx.get(f"{server}/metrics").text.splitlines()
+              if line.startswith("bentoml_") and 'http_response_code="5' in line and not line.endswith(" 0.0")]
+    assert not errors, errors
