@@ -13,7 +13,7 @@ export DVC_NO_ANALYTICS := true
 export MPLBACKEND := Agg
 
 .DEFAULT_GOAL := help
-.PHONY: help setup system-deps run serve test unit integration params accept-baseline lock sync-check lint clean
+.PHONY: help setup system-deps run serve tune test unit integration params accept-baseline lock sync-check lint clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -27,8 +27,13 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 	$(VENV)/bin/pip install --quiet --no-deps -e .
 	touch $@
 
-system-deps: ## install the Debian packages the tests need when missing (chromium for the report's browser test)
-	@command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+system-deps: ## install the Debian packages the tests need when missing: chromium (report check), postgresql (sweeps)
+	@missing=""; command -v chromium >/dev/null || missing="$$missing chromium"; \
+	ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	if [ -n "$$missing" ]; then $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; fi
 
 run: setup ## compose conf/ for PROFILE (default: default) into params.yaml and reproduce the pipeline
 	python -m reelrank.core profile=$(PROFILE)
@@ -50,6 +55,9 @@ integration: setup ## integration tests in tests/ (pytest)
 
 params: setup ## compose conf/ into params.yaml without running: make params PROFILE=smoke
 	python -m reelrank.core profile=$(PROFILE)
+
+tune: setup ## Optuna sweep of one model: make tune MODEL=ease [TRIALS=20] [STORAGE=postgresql://user@host/db]
+	reelrank tune model=$(MODEL) $(if $(TRIALS),sweep.n_trials=$(TRIALS)) $(if $(STORAGE),sweep.storage=$(STORAGE))
 
 accept-baseline: setup ## record the selected model's test metrics as the baseline: make accept-baseline PROFILE=smoke
 	python -m reelrank.report accept-baseline --profile $(PROFILE)
