@@ -44,7 +44,7 @@ def model_labels(card: dict) -> dict[str, str]:
     return {"model": card["model"], "family": card["family"], "git_commit": provenance["git_commit"],
             "data_md5": provenance["data_md5"], "params_hash": provenance["params_hash"]}
 
-# %% ../../notebooks/08a_package.ipynb #2b09c5cc
+# %% ../../notebooks/08a_package.ipynb #78700e66
 def save_model_to_store(directory: str | Path, serve: dict):
     "Save a model directory into the BentoML model store as a new version of `MODEL_NAME`; returns the model."
     import bentoml
@@ -77,7 +77,8 @@ def package_stage(serve: dict, model_dir: str | Path = "models/selected", out_di
                "service": bento.info.service, "serve": serve}
     with atomic_output(out_dir) as tmp:
         tmp.mkdir()
-        bentoml.bentos.export_bento(bento.tag, str(tmp / ARCHIVE))
+        # an absolute path: BentoML resolves a relative one against the filesystem root
+        bentoml.bentos.export_bento(bento.tag, str((tmp / ARCHIVE).resolve()))
         write_json(tmp / "bento.json", summary)
     log.info("built %s with %s in %s", bento.tag, model.tag, os.environ.get("BENTOML_HOME", "~/bentoml"))
     return summary

@@ -1,0 +1,66 @@
+"""A two-tower fit with Lightning's `ddp` strategy: two CPU processes (gloo) on tiny synthetic data.
+
+The `ddp` strategy re-runs the launching script once per extra process, so the fit runs in a script of its own
+(written to tmp_path) rather than inside pytest. Every process runs the whole script; only rank 0 saves the model,
+and each rank leaves a marker file so the test can tell both took part."""
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import torch
+from conftest import project_env
+
+from reelrank.models.base import load_model
+
+SCRIPT = textwrap.dedent('''
+    import json
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+    import pandas as pd
+
+    from reelrank.models.base import FitContext, save_model
+    from reelrank.models.two_tower import TwoTower
+    from reelrank.split import Catalog, HoldOut, Interactions
+
+    out = Path(sys.argv[1])
+    rng = np.random.default_rng(0)
+    n_users, n_items = 40, 30
+    catalog = Catalog.from_frame(pd.DataFrame({
+        "item_id": np.arange(n_items) + 1, "title": "movie", "genres": ["Comedy", "Drama", "Comedy|Drama"] * 10,
+        "year": rng.integers(1950, 2020, n_items)}))
+    liked = [rng.permutation(n_items)[:10] for _ in range(n_users)]
+    users = np.arange(n_users)
+    train = Interactions(users, [items[:8] for items in liked])
+    valid = HoldOut(train, [items[8:] for items in liked])
+    trainer = {"accelerator": "cpu", "devices": 2, "num_nodes": 1, "strategy": "ddp", "precision": "32-true",
+               "max_epochs": 1, "patience": 3, "deterministic": False}
+    model = TwoTower(catalog, {"dim": 8, "hidden": 16, "batch_size": 8, "passes_per_epoch": 1}).fit(
+        train, valid, FitContext(trainer=trainer, seed=0, checkpoint_dir=out / "checkpoints"))
+    rank = 0 if model.is_global_zero else 1
+    (out / f"rank{rank}.json").write_text(json.dumps(model.describe(), default=str))
+    if model.is_global_zero:
+        save_model(model, out / "model")
+''')
+
+
+def test_two_tower_ddp_fit_saves_on_rank_zero_only(tmp_path):
+    script = tmp_path / "fit_ddp.py"
+    script.write_text(SCRIPT)
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], check=False, cwd=tmp_path, env=project_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Starting with 2 processes" in proc.stdout + proc.stderr
+    # run() returns once every holder of the output pipes closed them: rank 1, which inherits them, is done too
+    summaries = {name: json.loads((tmp_path / f"{name}.json").read_text()) for name in ("rank0", "rank1")}
+    assert summaries["rank0"]["epochs_trained"] == summaries["rank1"]["epochs_trained"] == 1
+    assert summaries["rank0"]["best_val_ndcg@10"] == summaries["rank1"]["best_val_ndcg@10"]
+    assert (tmp_path / "checkpoints" / "last.ckpt").exists()
+    assert not (tmp_path / "lightning_logs").exists()
+
+    model = load_model(tmp_path / "model")
+    scores = model.score([np.array([0, 3, 5]), np.array([], dtype=np.int64)])
+    assert scores.shape == (2, 30) and scores.dtype == torch.float32 and torch.isfinite(scores).all()
