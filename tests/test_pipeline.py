@@ -22,9 +22,13 @@ def test_committed_params_equal_composition_of_conf():
 
 
 def test_unknown_config_group_option_is_a_clear_error(tmp_path):
-    proc = run(["python", "-m", "reelrank.core", "model@models.ease=no_such_model"], tmp_path, check=False)
+    out = tmp_path / "params.yaml"
+    proc = run(["python", "-c", "import sys; from reelrank.core import run_cli, write_params; "
+                f"run_cli(lambda argv: write_params(argv, {str(out)!r}))", "model@models.ease=no_such_model"],
+               ROOT, check=False)
     assert proc.returncode == 1
     assert "Could not find 'model/no_such_model'" in proc.stderr and "ease" in proc.stderr
+    assert not out.exists()
 
 
 def test_dvc_composes_the_smoke_profile(smoke_project):
