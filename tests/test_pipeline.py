@@ -12,7 +12,7 @@ import yaml
 from conftest import ROOT, run
 from reelrank.core import compose_config, md5_file
 
-MODELS = ["popularity", "ease", "ials", "two_tower"]
+MODELS = ["popularity", "ease", "ials", "two_tower", "sasrec"]
 
 
 def test_committed_params_equal_composition_of_conf():
