@@ -111,7 +111,9 @@ def project(tmp_path) -> Path:
 def reelrank(project: Path, *args: str) -> subprocess.Popen:
     "Start `reelrank ARGS` in `project` with the slow model registered."
     env = {**project_env(), "PYTHONPATH": str(project)}
-    code = ("from reelrank.models.base import MODEL_REGISTRY; MODEL_REGISTRY['slow'] = 'toy_models:Slow'; "
+    # a shell's background job starts with SIGINT ignored and Python keeps it ignored: restore Ctrl-C's handler
+    code = ("import signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+            "from reelrank.models.base import MODEL_REGISTRY; MODEL_REGISTRY['slow'] = 'toy_models:Slow'; "
             "import reelrank.cli; reelrank.cli.main()")
     return subprocess.Popen([sys.executable, "-c", code, *args], cwd=project, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
