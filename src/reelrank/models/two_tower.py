@@ -31,9 +31,9 @@ __all__ = ['DEFAULT_PARAMS', 'LOSSES', 'TARGETS', 'VAL_METRIC', 'TRAINER_KEYS', 
            'item_features', 'TwoTowerNet', 'score_histories', 'TwoTowerModule', 'BestWeights', 'lightning_trainer',
            'TwoTower']
 
-# %% ../../../notebooks/04_models_two_tower.ipynb #274f717e
+# %% ../../../notebooks/04_models_two_tower.ipynb #5bf3a699
 DEFAULT_PARAMS: dict[str, Any] = {
-    "dim": 64,                  # width of the user and item vectors and of the id embeddings
+    "dim": 128,                 # width of the user and item vectors and of the id embeddings
     "hidden": 256,              # hidden width of each tower's MLP
     "dropout": 0.3,
     "init_std": 0.1,            # std of the id embeddings at initialisation
@@ -42,11 +42,11 @@ DEFAULT_PARAMS: dict[str, Any] = {
     "targets": "next",          # "next": the items after a random point in time; "random": any of the user's items
     "target_fraction": 0.2,     # targets per visit as a share of the user's items (at least one)
     "recency_halflife": 100.0,  # a history item's weight halves every this many newer items; 0 = plain mean
-    "passes_per_epoch": 4,      # visits to every user per epoch, each with a fresh random choice of targets
+    "passes_per_epoch": 8,      # visits to every user per epoch, each with a fresh random choice of targets
     "batch_size": 64,           # users per batch (per process under DDP)
     "lr": 2e-3,
     "lr_decay": 0.9,            # learning rate multiplier per epoch (1 = constant)
-    "weight_decay": 0.1,        # AdamW's decoupled weight decay
+    "weight_decay": 0.01,       # AdamW's decoupled weight decay
     "epochs": None,             # None: early stopping chooses; a number: train exactly that many epochs
 }
 LOSSES = ("in_batch", "full")
@@ -254,7 +254,7 @@ def lightning_trainer(trainer_cfg: dict, context: FitContext, max_epochs: int, v
                         enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=1, **settings)
     return trainer, best
 
-# %% ../../../notebooks/04_models_two_tower.ipynb #8bcccc1a
+# %% ../../../notebooks/04_models_two_tower.ipynb #b46cbac6
 class TwoTower(Recommender):
     "History tower and item tower (id, genres, year) trained with a logQ-corrected in-batch or full softmax."
     family = "two_tower"
@@ -306,6 +306,7 @@ class TwoTower(Recommender):
         resume_from = last if trainer_cfg.get("resume") and last is not None and last.exists() else None
         with tempfile.TemporaryDirectory(prefix="reelrank-two-tower-") as root_dir, warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+            warnings.filterwarnings("ignore", message=".*no `val_dataloader`.*")   # the refit, by design
             trainer, best = lightning_trainer(trainer_cfg, context, max_epochs, validate, resume_from is not None,
                                               root_dir)
             if context.log_dir is not None:
