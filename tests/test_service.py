@@ -125,6 +125,33 @@ def test_package_stage_outputs(packaged):
     assert info["metadata"]["card"]["test"] == {"ndcg@10": 0.1}
 
 
+def test_bento_lists_every_package_its_code_imports():
+    "A containerised bento installs only bentofile's packages: each top-level import of its files must be one of them."
+    import ast
+    from importlib.metadata import packages_distributions
+
+    bentofile = yaml.safe_load((ROOT / "bentofile.yaml").read_text())
+    listed = {spec.split("==")[0].lower().replace("_", "-") for spec in bentofile["python"]["packages"]}
+    distributions = packages_distributions()
+    missing = set()
+    for pattern in bentofile["include"]:
+        for path in (ROOT / "src").glob(pattern):
+            for node in ast.parse(path.read_text()).body:  # module level: what importing the file needs
+                names = ([alias.name for alias in node.names] if isinstance(node, ast.Import) else
+                         [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+                for name in names:
+                    top = name.split(".")[0]
+                    if top in sys.stdlib_module_names or top in ("reelrank", "__future__"):
+                        continue
+                    provided = {d.lower().replace("_", "-") for d in distributions.get(top, [top])}
+                    if not provided & listed:
+                        missing.add(f"{path.relative_to(ROOT)} imports {top}")
+    assert not missing, f"add to bentofile.yaml python.packages: {sorted(missing)}"
+    locked = {line.split("==")[0].lower(): line for line in (ROOT / "requirements.lock").read_text().splitlines()}
+    drifted = [spec for spec in bentofile["python"]["packages"] if locked.get(spec.split("==")[0].lower()) != spec]
+    assert not drifted, f"bentofile.yaml pins that differ from requirements.lock: {drifted}"
+
+
 def test_exported_archive_restores_the_bento_elsewhere(packaged, tmp_path):
     "models/bento/ is what DVC tracks: importing its archive into an empty store gives the same bento and model."
     work, env, summary = packaged
