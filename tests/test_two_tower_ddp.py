@@ -1,20 +1,27 @@
 """A two-tower fit with Lightning's `ddp` strategy: two CPU processes (gloo) on tiny synthetic data.
 
-The `ddp` strategy re-runs the launching script once per extra process, so the fit runs in a script of its own
-(written to tmp_path) rather than inside pytest. Every process runs the whole script; only rank 0 saves the model,
-and each rank leaves a marker file so the test can tell both took part."""
+The `ddp` strategy re-runs the launching command once per extra process, so the fits run in processes of their own
+rather than inside pytest: a script (written to tmp_path) where each rank leaves a marker file so the test can tell
+both took part, and the pipeline's own fit stage, whose outputs only rank 0 writes."""
 import json
 import subprocess
 import sys
 import textwrap
 
 import numpy as np
+import pandas as pd
 import torch
+import yaml
 from conftest import project_env
+
+from reelrank.core import write_parquet
+from reelrank.split import temporal_split
 
 from reelrank.models.base import load_model
 
-SCRIPT = textwrap.dedent('''
+TRAINER = {"accelerator": "cpu", "devices": 2, "num_nodes": 1, "strategy": "ddp", "precision": "32-true",
+           "max_epochs": 1, "patience": 3, "deterministic": False}
+SCRIPT = f"TRAINER = {TRAINER!r}\n" + textwrap.dedent('''
     import json
     import sys
     from pathlib import Path
@@ -36,8 +43,7 @@ SCRIPT = textwrap.dedent('''
     users = np.arange(n_users)
     train = Interactions(users, [items[:8] for items in liked])
     valid = HoldOut(train, [items[8:] for items in liked])
-    trainer = {"accelerator": "cpu", "devices": 2, "num_nodes": 1, "strategy": "ddp", "precision": "32-true",
-               "max_epochs": 1, "patience": 3, "deterministic": False}
+    trainer = TRAINER
     model = TwoTower(catalog, {"dim": 8, "hidden": 16, "batch_size": 8, "passes_per_epoch": 1}).fit(
         train, valid, FitContext(trainer=trainer, seed=0, checkpoint_dir=out / "checkpoints"))
     rank = 0 if model.is_global_zero else 1
@@ -64,3 +70,32 @@ def test_two_tower_ddp_fit_saves_on_rank_zero_only(tmp_path):
     model = load_model(tmp_path / "model")
     scores = model.score([np.array([0, 3, 5]), np.array([], dtype=np.int64)])
     assert scores.shape == (2, 30) and scores.dtype == torch.float32 and torch.isfinite(scores).all()
+
+
+def test_ddp_fit_stage_writes_its_outputs_once(tmp_path):
+    "`python -m reelrank.train fit two_tower` under the ddp trainer: both ranks train, rank 0 alone writes."
+    rng = np.random.default_rng(0)
+    rows = [(user, int(item), t) for user in range(40) for t, item in enumerate(rng.choice(30, 12, replace=False))]
+    ratings = pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp"]).assign(rating=np.float32(1))
+    processed = tmp_path / "data" / "processed"
+    processed.mkdir(parents=True)
+    for part, frame in temporal_split(ratings).items():
+        write_parquet(frame, processed / f"{part}.parquet")
+    write_parquet(pd.DataFrame({"item_id": range(30), "title": "movie", "genres": "Drama", "year": 2000}),
+                  processed / "items.parquet")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({
+        "seed": 0, "trainer": TRAINER, "eval": {"cutoffs": [10], "save_k": 20, "batch_size": 16},
+        "models": {"two_tower": {"family": "two_tower", "grid": {},
+                                 "params": {"dim": 8, "hidden": 16, "batch_size": 8, "passes_per_epoch": 1}}}}))
+    proc = subprocess.run([sys.executable, "-m", "reelrank.train", "fit", "two_tower"], check=False, cwd=tmp_path,
+                          env=project_env(), capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    output = proc.stdout + proc.stderr
+    assert "Starting with 2 processes" in output
+    assert output.count("two_tower: wrote models/two_tower and reports/training/two_tower") == 1
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["two_tower"]
+    assert sorted(p.name for p in (tmp_path / "reports" / "training").iterdir()) == ["two_tower"]
+    report = json.loads((tmp_path / "reports" / "training" / "two_tower" / "fit.json").read_text())
+    assert report["family"] == "two_tower" and len(report["candidates"]) == 1
+    scores = load_model(tmp_path / "models" / "two_tower").score([np.array([0, 3, 5])])
+    assert scores.shape == (1, 30) and torch.isfinite(scores).all()

@@ -370,6 +370,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                 'reelrank.train.expand_grid': ('train.html#expand_grid', 'reelrank/train.py'),
                                 'reelrank.train.fit_model': ('train.html#fit_model', 'reelrank/train.py'),
                                 'reelrank.train.fit_stage': ('train.html#fit_stage', 'reelrank/train.py'),
+                                'reelrank.train.is_rank_zero': ('train.html#is_rank_zero', 'reelrank/train.py'),
                                 'reelrank.train.main': ('train.html#main', 'reelrank/train.py'),
                                 'reelrank.train.recommendations_frame': ('train.html#recommendations_frame', 'reelrank/train.py'),
                                 'reelrank.train.score_task': ('train.html#score_task', 'reelrank/train.py')},
