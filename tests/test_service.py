@@ -1,15 +1,12 @@
 """The BentoML service over real HTTP. A small EASE^R model, saved with the layout of models/selected, is packaged by
 `python -m reelrank.package` into a temporary BENTOML_HOME; the bento is served with `bentoml serve` on a free
 loopback port (bearer-token auth and request logging switched on through their environment variables) and stopped
-by killing its process group. Good and bad requests check the contract; a parity test checks that the service's
-top-k equals the batch CLI's from the same saved model."""
+by killing its process group. Good and bad requests check the contract in the default `inline` scoring mode; a
+second bento with `scoring: batched` (a Scorer service with adaptive batching) must answer the same; a parity test
+checks that the service's top-k equals the batch CLI's from the same saved model."""
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -18,6 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from bento_server import package, serving
 from conftest import ROOT, VENV_BIN, project_env
 
 from reelrank.core import write_json, write_parquet
@@ -50,57 +48,38 @@ def save_small_model(directory: Path) -> pd.DataFrame:
     return interactions
 
 
+def serve_config(**changes) -> dict:
+    return {**yaml.safe_load((ROOT / "conf" / "serve" / "default.yaml").read_text()), "max_body_bytes": MAX_BODY,
+            **changes}
+
+
 @pytest.fixture(scope="module")
 def packaged(tmp_path_factory):
     "The small model, packaged into a temporary BentoML home; yields (workdir, env, bento.json)."
     work = tmp_path_factory.mktemp("service")
     save_small_model(work / "selected")
-    serve = {**yaml.safe_load((ROOT / "conf" / "serve" / "default.yaml").read_text()), "max_body_bytes": MAX_BODY}
-    (work / "params.yaml").write_text(yaml.safe_dump({"serve": serve}))
     env = {**project_env(), "BENTOML_HOME": str(work / "bentoml")}
-    proc = subprocess.run([sys.executable, "-m", "reelrank.package", "--params", str(work / "params.yaml"),
-                           "--model", str(work / "selected"), "--out", str(work / "bento")],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return work, env, json.loads((work / "bento" / "bento.json").read_text())
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return work, env, package(work / "selected", serve_config(), work, env)
 
 
 @pytest.fixture(scope="module")
 def server(packaged):
-    "`bentoml serve <bento>` on 127.0.0.1 with auth and request logging on; yields the base URL."
+    "`bentoml serve <bento>` (default settings: inline scoring) with auth and request logging on; yields the URL."
     work, env, summary = packaged
-    port = free_port()
     env = {**env, "REELRANK_API_TOKEN": TOKEN, "REELRANK_REQUEST_LOG_DIR": str(work / "requests")}
-    with open(work / "serve.log", "w") as log:
-        proc = subprocess.Popen([str(Path(VENV_BIN) / "bentoml"), "serve", summary["bento"], "--host", "127.0.0.1",
-                                 "--port", str(port)], cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, f"bentoml serve exited:\n{(work / 'serve.log').read_text()[-4000:]}"
-            assert time.monotonic() < deadline, f"not ready in 120 s:\n{(work / 'serve.log').read_text()[-4000:]}"
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
+    with serving(summary["bento"], work, env) as (url, _):
         yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def batched_server(tmp_path_factory):
+    "The same model packaged with `scoring: batched` (a Scorer service behind the API), served; yields the URL."
+    work = tmp_path_factory.mktemp("service-batched")
+    save_small_model(work / "selected")
+    env = {**project_env(), "BENTOML_HOME": str(work / "bentoml"), "REELRANK_API_TOKEN": TOKEN}
+    summary = package(work / "selected", serve_config(scoring="batched"), work, env)
+    with serving(summary["bento"], work, env) as (url, _):
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -265,24 +244,48 @@ def test_parity_with_the_batch_cli(packaged, client):
         assert single["items"] == answer["items"]
 
 
-def test_concurrent_calls_are_batched_and_answered_alike(server):
-    def metric_total(name: str) -> float:
-        lines = httpx.get(f"{server}/metrics").text.splitlines()
-        return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(name))
+def server_errors(url: str) -> list[str]:
+    "The service's metric lines that count a 5xx answer."
+    return [line for line in httpx.get(f"{url}/metrics").text.splitlines()
+            if line.startswith("bentoml_") and 'http_response_code="5' in line and not line.endswith(" 0.0")]
 
-    users = list(range(1, 33))
-    singles_before = metric_total('bentoml_service_adaptive_batch_size_bucket{le="1.0"')
-    batches_before = metric_total("bentoml_service_adaptive_batch_size_count")
-    with httpx.Client(base_url=server, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30,
-                      limits=httpx.Limits(max_connections=32)) as client, ThreadPoolExecutor(32) as pool:
+
+def metric_total(url: str, name: str) -> float:
+    lines = httpx.get(f"{url}/metrics").text.splitlines()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(name))
+
+
+def concurrent_answers(url: str, users: list[int], rounds: int) -> dict[int, list]:
+    "Each user's items from `rounds` rounds of concurrent /recommend calls, checked equal to a lone call's."
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30,
+                      limits=httpx.Limits(max_connections=len(users))) as client, ThreadPoolExecutor(len(users)) as pool:
         expected = {u: client.post("/recommend", json={"user_id": u}).json()["items"] for u in users}
-        for _ in range(5):  # 160 concurrent calls: more than BentoML's default connection recycling period (100)
+        for _ in range(rounds):
             answers = list(pool.map(lambda u: client.post("/recommend", json={"user_id": u}), users))
             assert [a.status_code for a in answers] == [200] * len(users)
             assert all(a.json()["items"] == expected[u] for u, a in zip(users, answers))
-    batches = metric_total("bentoml_service_adaptive_batch_size_count") - batches_before
-    singles = metric_total('bentoml_service_adaptive_batch_size_bucket{le="1.0"') - singles_before
+    return expected
+
+
+def test_concurrent_calls_are_answered_alike(server):
+    concurrent_answers(server, list(range(1, 33)), rounds=3)
+
+
+def test_batched_scoring_forms_batches_and_answers_like_inline(server, batched_server):
+    users = list(range(1, 33))
+    singles_before = metric_total(batched_server, 'bentoml_service_adaptive_batch_size_bucket{le="1.0"')
+    batches_before = metric_total(batched_server, "bentoml_service_adaptive_batch_size_count")
+    # 160 concurrent calls: more than BentoML's default connection recycling period (100)
+    batched = concurrent_answers(batched_server, users, rounds=5)
+    batches = metric_total(batched_server, "bentoml_service_adaptive_batch_size_count") - batches_before
+    singles = metric_total(batched_server, 'bentoml_service_adaptive_batch_size_bucket{le="1.0"') - singles_before
     assert batches > singles, "no batch of more than one request was formed"
+    assert batched == concurrent_answers(server, users, rounds=0)
+    with httpx.Client(base_url=batched_server, headers={"Authorization": f"Bearer {TOKEN}"}) as client:
+        assert client.post("/similar", json={"movie_id": UNKNOWN_MOVIE}).status_code == 404
+        assert client.post("/recommend_batch", json={"requests": [{"user_id": 1}]}).json()[0]["items"] == batched[1]
+        assert client.post("/recommend", json={"user_id": 1}, headers={"Authorization": "Bearer x"}).status_code == 401
+    assert not server_errors(batched_server)
 
 
 def test_requests_are_logged(packaged, client):
@@ -299,6 +302,4 @@ def test_requests_are_logged(packaged, client):
 
 def test_no_request_ended_in_a_server_error(server, client):
     "Runs last: every request above, good or bad, was answered without a 5xx."
-    errors = [line for line in httpx.get(f"{server}/metrics").text.splitlines()
-              if line.startswith("bentoml_") and 'http_response_code="5' in line and not line.endswith(" 0.0")]
-    assert not errors, errors
+    assert not server_errors(server)

@@ -3,9 +3,11 @@
 # %% auto #0
 __all__ = ['SETTINGS', 'MovieId', 'UserId', 'TopK', 'BatchingConfig', 'AnnConfig', 'ServeConfig', 'RecommendRequest',
            'SimilarRequest', 'RecommendBatchRequest', 'Item', 'ModelInfo', 'RecommendResponse', 'SimilarResponse',
-           'Ranked', 'rank_requests', 'Scorer', 'RequestGuard', 'Recommender']
+           'Ranked', 'rank_requests', 'similar_items', 'load_engine', 'Scorer', 'RequestGuard', 'Recommender']
 
-# %% ../../notebooks/08_service.ipynb #9f5ba34b
+# %% ../../notebooks/08_service.ipynb #21320ce3
+import asyncio
+import gc
 import hmac
 import json
 import os
@@ -19,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .package import MODEL_NAME
 
-# %% ../../notebooks/08_service.ipynb #9893218c
+# %% ../../notebooks/08_service.ipynb #b043c313
 class BatchingConfig(BaseModel):
     max_batch_size: int = Field(ge=2)
     max_latency_ms: int = Field(ge=1)
@@ -29,8 +31,10 @@ class AnnConfig(BaseModel):
     nprobe: int = Field(ge=1)
 
 class ServeConfig(BaseModel):
-    "The `serve` config section: request limits, batching, the FAISS option and the environment variable names."
+    "The `serve` config section: request limits, scoring mode, batching, the FAISS option and variable names."
     model_config = ConfigDict(extra="forbid")
+    scoring: Literal["inline", "batched"]
+    workers: int = Field(ge=1)
     max_k: int = Field(ge=1)
     max_history: int = Field(ge=1)
     max_batch: int = Field(ge=1)
@@ -100,7 +104,7 @@ class Ranked(BaseModel):
     fallback: Literal["popularity"] | None
     ignored_history: list[int]
 
-# %% ../../notebooks/08_service.ipynb #1a539eda
+# %% ../../notebooks/08_service.ipynb #c0761c43
 def rank_requests(engine, requests: list[RecommendRequest], chunk: int) -> list[Ranked]:
     "The engine's answer to each request, in order."
     groups: dict[tuple[int, bool], list[int]] = defaultdict(list)
@@ -115,7 +119,29 @@ def rank_requests(engine, requests: list[RecommendRequest], chunk: int) -> list[
                 answers[position] = Ranked(**asdict(recommendation))
     return answers
 
-# %% ../../notebooks/08_service.ipynb #8c54d0be
+def similar_items(engine, movie_id: int, k: int) -> Ranked | None:
+    "The engine's movies like `movie_id`, or None when it is not in the catalog."
+    found = engine.similar(movie_id, k)
+    return None if found is None else Ranked(**asdict(found))
+
+# %% ../../notebooks/08_service.ipynb #04e1d290
+def load_engine(model_path: str):
+    "The ranking engine of a packaged model, warmed up; torch is imported by the processes that rank only."
+    import torch
+
+    from reelrank.recommend import RecommendationEngine
+
+    torch.set_num_threads(SETTINGS.torch_threads)
+    engine = RecommendationEngine.load(model_path, ann_min_items=SETTINGS.ann.min_items,
+                                       ann_nprobe=SETTINGS.ann.nprobe)
+    # one popularity and one personal answer initialise every lazy path before the first real request
+    engine.recommend([(None, []), (None, engine.catalog.item_ids[:1].tolist())], 1)
+    # the libraries and the model are ~0.4 M long-lived objects; a full pass of the cyclic garbage collector over
+    # them takes ~0.2 s, which was the p99 latency under load; frozen, they are left out of every collection
+    gc.collect()
+    gc.freeze()
+    return engine
+
 # BentoML 1.4's client for a dependency replaces its connection pool every `max_requests` calls or `max_age`
 # seconds, dropping the calls still in flight on the old pool (500s under concurrent load); a private local socket
 # needs no recycling, so the pool lives as long as the process.
@@ -125,15 +151,7 @@ class Scorer:
     model_ref = bentoml.models.BentoModel(f"{MODEL_NAME}:latest")
 
     def __init__(self) -> None:
-        import torch
-
-        from reelrank.recommend import RecommendationEngine
-
-        torch.set_num_threads(SETTINGS.torch_threads)
-        self.engine = RecommendationEngine.load(self.model_ref.path, ann_min_items=SETTINGS.ann.min_items,
-                                                ann_nprobe=SETTINGS.ann.nprobe)
-        # one popularity and one personal answer initialise every lazy path before the first real request
-        self.engine.recommend([(None, []), (None, self.engine.catalog.item_ids[:1].tolist())], 1)
+        self.engine = load_engine(self.model_ref.path)
 
     @bentoml.api(batchable=True, max_batch_size=SETTINGS.batching.max_batch_size,
                  max_latency_ms=SETTINGS.batching.max_latency_ms)
@@ -149,8 +167,7 @@ class Scorer:
     @bentoml.api
     def similar(self, movie_id: int, k: int) -> Ranked | None:
         "Movies like `movie_id`, or None when it is not in the catalog."
-        found = self.engine.similar(movie_id, k)
-        return None if found is None else Ranked(**asdict(found))
+        return similar_items(self.engine, movie_id, k)
 
 # %% ../../notebooks/08_service.ipynb #c2cb406b
 async def _reject(send, status: int, message: str, headers: tuple = ()) -> None:
@@ -203,20 +220,39 @@ class RequestGuard:
             return pending.pop() if pending else await receive()
         await self.app(scope, replay, send)
 
-# %% ../../notebooks/08_service.ipynb #d829e344
+# %% ../../notebooks/08_service.ipynb #1f763d70
 def _items(ranked: Ranked) -> list[Item]:
     return [Item(movie_id=m, title=t, score=s) for m, t, s in zip(ranked.item_ids, ranked.titles, ranked.scores)]
 
-@bentoml.service(name="reelrank", traffic={"timeout": 60})
+@bentoml.service(name="reelrank", workers=SETTINGS.workers, traffic={"timeout": 60})
 class Recommender:
     "Movie recommendations: /recommend, /similar and /recommend_batch."
-    scorer = bentoml.depends(Scorer)
     model_ref = bentoml.models.BentoModel(f"{MODEL_NAME}:latest")
+    if SETTINGS.scoring == "batched":
+        scorer = bentoml.depends(Scorer)
 
     def __init__(self) -> None:
         stored = self.model_ref
         self.model_info = ModelInfo(name=stored.info.labels["model"], version=stored.tag.version)
         self.log_dir = os.environ.get(SETTINGS.request_log_env) or None
+        self.engine = load_engine(stored.path) if SETTINGS.scoring == "inline" else None
+        self.engine_lock = asyncio.Lock()
+
+    async def _inline(self, function, *args):
+        async with self.engine_lock:
+            return await asyncio.to_thread(function, *args)
+
+    async def _rank(self, requests: list[RecommendRequest], batchable: bool) -> list[Ranked]:
+        "Answers from this worker's engine, or from the Scorer (`batchable`: through its adaptive batching)."
+        if self.engine is not None:
+            return await self._inline(rank_requests, self.engine, requests, SETTINGS.batching.max_batch_size)
+        rank = self.scorer.to_async.rank if batchable else self.scorer.to_async.rank_many
+        return await rank(requests)
+
+    async def _similar(self, movie_id: int, k: int) -> Ranked | None:
+        if self.engine is None:
+            return await self.scorer.to_async.similar(movie_id=movie_id, k=k)
+        return await self._inline(similar_items, self.engine, movie_id, k)
 
     def _answer(self, ranked: Ranked) -> RecommendResponse:
         return RecommendResponse(items=_items(ranked), model=self.model_info, fallback=ranked.fallback,
@@ -237,21 +273,21 @@ class Recommender:
                         exclude_seen: bool) -> RecommendResponse:
         "Top-k movies for a user and/or a history; an unknown user without history gets the popular movies."
         request = RecommendRequest.model_construct(user_id=user_id, history=history, k=k, exclude_seen=exclude_seen)
-        answers = await self.scorer.to_async.rank([request])
+        answers = await self._rank([request], batchable=True)
         self._log("recommend", [request], answers)
         return self._answer(answers[0])
 
     @bentoml.api(input_spec=RecommendBatchRequest)
     async def recommend_batch(self, requests: list[RecommendRequest]) -> list[RecommendResponse]:
         "Answers to many /recommend requests at once, in order."
-        answers = await self.scorer.to_async.rank_many(requests)
+        answers = await self._rank(requests, batchable=False)
         self._log("recommend_batch", requests, answers)
         return [self._answer(answer) for answer in answers]
 
     @bentoml.api(input_spec=SimilarRequest)
     async def similar(self, movie_id: int, k: int) -> SimilarResponse:
         "Movies to recommend to someone who watched `movie_id` (404 when it is not in the catalog)."
-        found = await self.scorer.to_async.similar(movie_id=movie_id, k=k)
+        found = await self._similar(movie_id, k)
         if found is None:
             raise NotFound(f"movie {movie_id} is not in the catalog")
         self._log("similar", [SimilarRequest(movie_id=movie_id, k=k)], [found])

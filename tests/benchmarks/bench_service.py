@@ -5,10 +5,12 @@
 1. In process: `RecommendationEngine.recommend` for one request at a time and for batches of 32 (what adaptive
    batching forms under 32 concurrent clients), with the scoring process's settings (torch threads from
    conf/serve).
-2. Served: the model is packaged into a temporary BENTOML_HOME, the bento is served with `bentoml serve` on a free
-   loopback port, and POST /recommend is driven by a small asyncio HTTP/1.1 keep-alive client at concurrency 1 and
-   32 (bounded by --seconds and --max-requests per level): requests/s, p50, p99 and errors, the ratio to the
-   in-process figures, and the resident memory of each serving process.
+2. Served, once per scoring mode (`inline`: the API workers rank; `batched`: a Scorer service behind them, with
+   adaptive batching): the model is packaged into a temporary BENTOML_HOME, the bento is served with `bentoml
+   serve` on a free loopback port, and POST /recommend is driven by a small asyncio HTTP/1.1 keep-alive client at
+   concurrency 1 and 32 (bounded by --seconds and --max-requests per level): requests/s, p50, p99 and errors, the
+   ratio to the in-process figures, and the resident memory of each serving process. GET /livez at concurrency 32
+   is the floor of the HTTP stack itself (no model work) on the same cores, load generator included.
 3. Top-10 over 10k, 100k and 1M synthetic items (clustered 64-d vectors): exact torch matmul + topk against the
    FAISS IVF index the engine uses for large catalogs (build time, query latency, recall of the exact top-10).
 Loopback only; every loop is bounded in count and time; the server is stopped by killing its process group.
@@ -18,21 +20,18 @@ import asyncio
 import json
 import os
 import random
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
+sys.path.insert(0, str(ROOT / "tests"))
+from bento_server import BIN, package, serving  # the tests' package-and-serve helpers
 
 
 def summary(latencies_s: list[float], elapsed_s: float, n_requests: int) -> dict:
@@ -60,14 +59,18 @@ def in_process(model_dir: Path, users: list[int], serve: dict, seconds: float, m
     return out
 
 
-async def drive(port: int, bodies: list[bytes], concurrency: int, seconds: float, max_requests: int) -> dict:
-    "POST /recommend from `concurrency` keep-alive connections; bounded by `seconds` and `max_requests`."
+async def drive(port: int, bodies: list[bytes] | None, concurrency: int, seconds: float, max_requests: int,
+                path: str = "/recommend") -> dict:
+    "POST `bodies` (or GET, when None) to `path` from `concurrency` keep-alive connections; bounded in time and count."
     latencies, errors, sent = [], [], 0
     deadline = time.perf_counter() + seconds
 
-    async def request(reader, writer, body: bytes) -> int:
-        writer.write(b"POST /recommend HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    async def request(reader, writer, body: bytes | None) -> int:
+        if body is None:
+            writer.write(b"GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" % path.encode())
+        else:
+            writer.write(b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (path.encode(), len(body), body))
         await writer.drain()
         status = int((await reader.readline()).split()[1])
         length = 0
@@ -86,7 +89,7 @@ async def drive(port: int, bodies: list[bytes], concurrency: int, seconds: float
                 sent += 1
                 t0 = time.perf_counter()
                 try:
-                    status = await request(reader, writer, random.choice(bodies))
+                    status = await request(reader, writer, random.choice(bodies) if bodies else None)
                 except (OSError, IndexError, ValueError, asyncio.IncompleteReadError) as exc:
                     errors.append(type(exc).__name__)
                     writer.close()
@@ -124,50 +127,25 @@ def process_tree_rss(root: int) -> list[tuple[int, str]]:
 
 
 def served(model_dir: Path, users: list[int], serve: dict, seconds: float, max_requests: int) -> dict:
+    "Package and serve the model with `serve`; load levels, the /livez floor and process memory."
     with tempfile.TemporaryDirectory(prefix="reelrank-bench-") as tmp:
-        tmp = Path(tmp)
-        env = {**os.environ, "BENTOML_HOME": str(tmp / "bentoml"), "BENTOML_DO_NOT_TRACK": "true",
+        work = Path(tmp)
+        env = {**os.environ, "BENTOML_HOME": str(work / "bentoml"), "BENTOML_DO_NOT_TRACK": "true",
                "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
         for name in (serve["auth_token_env"], serve["request_log_env"]):
             env.pop(name, None)
-        (tmp / "params.yaml").write_text(yaml.safe_dump({"serve": serve}))
         started = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "reelrank.package", "--params", str(tmp / "params.yaml"), "--model",
-                        str(model_dir), "--out", str(tmp / "bento")], cwd=ROOT, env=env, check=True,
-                       capture_output=True, timeout=900)
-        package_s = time.perf_counter() - started
-        bento = json.loads((tmp / "bento" / "bento.json").read_text())["bento"]
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        with open(tmp / "serve.log", "w") as log:
-            proc = subprocess.Popen([str(BIN / "bentoml"), "serve", bento, "--host", "127.0.0.1", "--port",
-                                     str(port)], cwd=tmp, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
-        try:
-            started = time.perf_counter()
-            while True:
-                if proc.poll() is not None or time.perf_counter() - started > 300:
-                    raise RuntimeError(f"server did not start:\n{(tmp / 'serve.log').read_text()[-3000:]}")
-                try:
-                    if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                time.sleep(0.5)
+        bento = package(model_dir, serve, work, env)["bento"]
+        package_s, started = time.perf_counter() - started, time.perf_counter()
+        with serving(bento, work, env, timeout=300) as (url, proc):
             ready_s = time.perf_counter() - started
+            port = int(url.rsplit(":", 1)[1])
             bodies = [json.dumps({"user_id": u, "k": 10}).encode() for u in users]
             asyncio.run(drive(port, bodies, 32, min(seconds, 5), 2000))  # warm-up, and trains the batcher
             levels = {c: asyncio.run(drive(port, bodies, c, seconds, max_requests)) for c in (1, 32)}
+            floor = asyncio.run(drive(port, None, 32, seconds, max_requests, path="/livez"))
             memory = process_tree_rss(proc.pid)
-        finally:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-    return {"package_s": package_s, "ready_s": ready_s, "levels": levels, "memory": memory}
+    return {"package_s": package_s, "ready_s": ready_s, "levels": levels, "livez_32": floor, "memory": memory}
 
 
 def ann_vs_exact(sizes=(10_000, 100_000, 1_000_000), dim: int = 64, queries: int = 50) -> list[dict]:
@@ -212,18 +190,26 @@ def main() -> None:
     users = sorted(pd.read_parquet(model_dir / "interactions.parquet").user_id.unique().tolist())
 
     local = in_process(model_dir, users, serve, args.seconds, args.max_requests)
-    remote = served(model_dir, users, serve, args.seconds, args.max_requests)
-    print(f"model: {model_dir} ({len(users)} users); package {remote['package_s']:.1f} s, "
-          f"ready in {remote['ready_s']:.1f} s after start")
-    print(f"{'':28}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}")
+    remote = {mode: served(model_dir, users, {**serve, "scoring": mode}, args.seconds, args.max_requests)
+              for mode in ("inline", "batched")}
+    print(f"model: {model_dir} ({len(users)} users); serve workers: {serve['workers']}")
+    print(f"{'':36}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}")
+    row = "{:36}{:9.1f}{:9.2f}{:9.2f}{:>8}"
     for c in (1, 32):
-        lo, hi = local[c], remote["levels"][c]
-        print(f"in-process, concurrency {c:<3} {lo['rps']:9.1f}{lo['p50_ms']:9.2f}{lo['p99_ms']:9.2f}{'':>8}")
-        print(f"served,     concurrency {c:<3} {hi['rps']:9.1f}{hi['p50_ms']:9.2f}{hi['p99_ms']:9.2f}{hi['errors']:8d}"
-              f"   served/in-process throughput {hi['rps'] / lo['rps']:.2f}")
-    print("resident memory of the serving processes (MiB):")
-    for rss, command in remote["memory"]:
-        print(f"  {rss:6d}  {command}")
+        print(row.format(f"in-process, concurrency {c}", local[c]["rps"], local[c]["p50_ms"], local[c]["p99_ms"], ""))
+        for mode, figures in remote.items():
+            hi = figures["levels"][c]
+            print(row.format(f"served {mode}, concurrency {c}", hi["rps"], hi["p50_ms"], hi["p99_ms"], hi["errors"])
+                  + f"   served/in-process throughput {hi['rps'] / local[c]['rps']:.2f}")
+    for mode, figures in remote.items():
+        floor = figures["livez_32"]
+        print(row.format(f"served {mode}, GET /livez, c 32", floor["rps"], floor["p50_ms"], floor["p99_ms"],
+                         floor["errors"]))
+    for mode, figures in remote.items():
+        print(f"{mode}: package {figures['package_s']:.1f} s, ready {figures['ready_s']:.1f} s after start; "
+              "resident memory of the serving processes (MiB):")
+        for rss, command in figures["memory"]:
+            print(f"  {rss:6d}  {command}")
     result = {"in_process": local, "served": remote}
     if not args.skip_ann:
         result["ann"] = ann_vs_exact()

@@ -1,0 +1,64 @@
+"""Package a saved model into a bento and serve it for real, as tests and benchmarks both need: `python -m
+reelrank.package` into a given BentoML home, then `bentoml serve` on a free loopback port, ready once /readyz
+answers 200, stopped by killing its process group."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def package(model_dir: Path, serve: dict, work: Path, env: dict) -> dict:
+    "Package `model_dir` with `serve` as the bento's arguments into work/bento; returns its bento.json summary."
+    (work / "params.yaml").write_text(yaml.safe_dump({"serve": serve}))
+    proc = subprocess.run([sys.executable, "-m", "reelrank.package", "--params", str(work / "params.yaml"),
+                           "--model", str(model_dir), "--out", str(work / "bento")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads((work / "bento" / "bento.json").read_text())
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def serving(bento: str, work: Path, env: dict, timeout: float = 180) -> Iterator[tuple[str, subprocess.Popen]]:
+    "`bentoml serve <bento>` on 127.0.0.1 (log: work/serve.log); yields (base URL, process) once ready."
+    port, log_path = free_port(), work / "serve.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([str(BIN / "bentoml"), "serve", bento, "--host", "127.0.0.1", "--port", str(port)],
+                                cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            assert proc.poll() is None, f"bentoml serve exited:\n{log_path.read_text()[-4000:]}"
+            assert time.monotonic() < deadline, f"not ready in {timeout} s:\n{log_path.read_text()[-4000:]}"
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        yield url, proc
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
