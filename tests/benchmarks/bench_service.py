@@ -63,7 +63,6 @@ async def drive(port: int, bodies: list[bytes] | None, concurrency: int, seconds
                 path: str = "/recommend") -> dict:
     "POST `bodies` (or GET, when None) to `path` from `concurrency` keep-alive connections; bounded in time and count."
     latencies, errors, sent = [], [], 0
-    deadline = time.perf_counter() + seconds
 
     async def request(reader, writer, body: bytes | None) -> int:
         if body is None:
@@ -81,9 +80,8 @@ async def drive(port: int, bodies: list[bytes] | None, concurrency: int, seconds
         await reader.readexactly(length)
         return status
 
-    async def client() -> None:
+    async def client(reader, writer) -> None:
         nonlocal sent
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
         try:
             while time.perf_counter() < deadline and sent < max_requests:
                 sent += 1
@@ -101,8 +99,15 @@ async def drive(port: int, bodies: list[bytes] | None, concurrency: int, seconds
         finally:
             writer.close()
 
+    connections = []
+    for _ in range(concurrency):
+        # ramp up as real clients arrive, over time: a burst of simultaneous connects is accepted by whichever
+        # worker process wakes first, which then serves them all while the other idles
+        connections.append(await asyncio.open_connection("127.0.0.1", port))
+        await asyncio.sleep(0.02)
+    deadline = time.perf_counter() + seconds
     started = time.perf_counter()
-    await asyncio.gather(*(client() for _ in range(concurrency)))
+    await asyncio.gather(*(client(*connection) for connection in connections))
     result = summary(latencies, time.perf_counter() - started, len(latencies))
     result["errors"] = len(errors)
     return result
