@@ -6,6 +6,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,3 +56,18 @@ def smoke_project(tmp_path_factory) -> Path:
     project = copy_project(tmp_path_factory.mktemp("smoke_project"))
     run(["dvc", "exp", "run", "-S", "profile=smoke"], project)
     return project
+
+
+def write_toy_split(processed: Path, n_users: int, n_items: int, per_user: int) -> None:
+    "A split stage's output (train/val/test/items parquet) for `n_users` users with `per_user` random items each."
+    from reelrank.core import write_parquet
+    from reelrank.split import temporal_split
+
+    rng = np.random.default_rng(0)
+    rows = [(u, int(i), t) for u in range(n_users) for t, i in enumerate(rng.choice(n_items, per_user, replace=False))]
+    frame = pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp"]).assign(rating=np.float32(1))
+    processed.mkdir(parents=True)
+    for part, rows in temporal_split(frame).items():
+        write_parquet(rows, processed / f"{part}.parquet")
+    write_parquet(pd.DataFrame({"item_id": range(n_items), "title": "t", "genres": "Drama", "year": 2000}),
+                  processed / "items.parquet")

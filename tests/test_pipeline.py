@@ -3,13 +3,12 @@ into params.yaml, every stage's outputs, a no-op rerun, byte-identical data stag
 that leave earlier outputs intact."""
 import json
 import time
-from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
-
 from conftest import ROOT, run
+
 from reelrank.core import compose_config, md5_file
 
 MODELS = ["popularity", "ease", "ials", "two_tower", "sasrec"]

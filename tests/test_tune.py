@@ -18,17 +18,15 @@ import time
 from glob import glob
 from pathlib import Path
 
-import numpy as np
 import optuna
 import pandas as pd
 import pytest
 import yaml
-from conftest import ROOT, project_env
+from conftest import ROOT, project_env, write_toy_split
 
 from reelrank.cli import main
-from reelrank.core import compose_config, write_parquet
+from reelrank.core import compose_config
 from reelrank.models.base import MODEL_REGISTRY
-from reelrank.split import temporal_split
 from reelrank.tune import open_storage
 
 TOY_MODELS = '''
@@ -96,15 +94,7 @@ def project(tmp_path) -> Path:
     (tmp_path / "conf" / "sweep" / "curve.yaml").write_text(
         "defaults: [_common, _self_]\nstudy_name: curve\npruner: {n_startup_trials: 1, n_warmup_steps: 0}\n"
         "params:\n  level: {type: float, low: 0.0, high: 0.2}\n")
-    rng = np.random.default_rng(0)
-    rows = [(u, int(i), t) for u in range(60) for t, i in enumerate(rng.choice(80, 20, replace=False))]
-    frame = pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp"]).assign(rating=np.float32(1))
-    processed = tmp_path / "data" / "processed"
-    processed.mkdir(parents=True)
-    for part, rows in temporal_split(frame).items():
-        write_parquet(rows, processed / f"{part}.parquet")
-    write_parquet(pd.DataFrame({"item_id": range(80), "title": "t", "genres": "", "year": 2000}),
-                  processed / "items.parquet")
+    write_toy_split(tmp_path / "data" / "processed", n_users=60, n_items=80, per_user=20)
     return tmp_path
 
 

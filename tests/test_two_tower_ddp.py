@@ -9,13 +9,9 @@ import sys
 import textwrap
 
 import numpy as np
-import pandas as pd
 import torch
 import yaml
-from conftest import project_env
-
-from reelrank.core import write_parquet
-from reelrank.split import temporal_split
+from conftest import project_env, write_toy_split
 
 from reelrank.models.base import load_model
 
@@ -74,15 +70,7 @@ def test_two_tower_ddp_fit_saves_on_rank_zero_only(tmp_path):
 
 def test_ddp_fit_stage_writes_its_outputs_once(tmp_path):
     "`python -m reelrank.train fit two_tower` under the ddp trainer: both ranks train, rank 0 alone writes."
-    rng = np.random.default_rng(0)
-    rows = [(user, int(item), t) for user in range(40) for t, item in enumerate(rng.choice(30, 12, replace=False))]
-    ratings = pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp"]).assign(rating=np.float32(1))
-    processed = tmp_path / "data" / "processed"
-    processed.mkdir(parents=True)
-    for part, frame in temporal_split(ratings).items():
-        write_parquet(frame, processed / f"{part}.parquet")
-    write_parquet(pd.DataFrame({"item_id": range(30), "title": "movie", "genres": "Drama", "year": 2000}),
-                  processed / "items.parquet")
+    write_toy_split(tmp_path / "data" / "processed", n_users=40, n_items=30, per_user=12)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({
         "seed": 0, "trainer": TRAINER, "eval": {"cutoffs": [10], "save_k": 20, "batch_size": 16},
         "models": {"two_tower": {"family": "two_tower", "grid": {},
