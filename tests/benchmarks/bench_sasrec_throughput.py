@@ -33,11 +33,11 @@ from reelrank.models.sasrec import (
     SASRecModule,
     SASRecNet,
     full_softmax_loss,
-    lightning_trainer,
     sampled_softmax_loss,
     training_windows,
     window_loader,
 )
+from reelrank.models.training import lightning_trainer
 from reelrank.split import Interactions, SplitData
 
 ROOT = Path(__file__).resolve().parents[2]
