@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .package import MODEL_NAME
 
-# %% ../../notebooks/08_service.ipynb #b043c313
+# %% ../../notebooks/08_service.ipynb #c4ec327b
 class BatchingConfig(BaseModel):
     max_batch_size: int = Field(ge=2)
     max_latency_ms: int = Field(ge=1)
@@ -35,6 +35,7 @@ class ServeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     scoring: Literal["inline", "batched"]
     workers: int = Field(ge=1)
+    timeout_s: float = Field(gt=0)
     max_k: int = Field(ge=1)
     max_history: int = Field(ge=1)
     max_batch: int = Field(ge=1)
@@ -220,11 +221,11 @@ class RequestGuard:
             return pending.pop() if pending else await receive()
         await self.app(scope, replay, send)
 
-# %% ../../notebooks/08_service.ipynb #1f763d70
+# %% ../../notebooks/08_service.ipynb #f4aefca4
 def _items(ranked: Ranked) -> list[Item]:
     return [Item(movie_id=m, title=t, score=s) for m, t, s in zip(ranked.item_ids, ranked.titles, ranked.scores)]
 
-@bentoml.service(name="reelrank", workers=SETTINGS.workers, traffic={"timeout": 60})
+@bentoml.service(name="reelrank", workers=SETTINGS.workers, traffic={"timeout": SETTINGS.timeout_s})
 class Recommender:
     "Movie recommendations: /recommend, /similar and /recommend_batch."
     model_ref = bentoml.models.BentoModel(f"{MODEL_NAME}:latest")
