@@ -22,9 +22,9 @@ def test_committed_params_equal_composition_of_conf():
 
 def test_unknown_config_group_option_is_a_clear_error(tmp_path):
     out = tmp_path / "params.yaml"
-    proc = run(["python", "-c", "import sys; from reelrank.core import run_cli, write_params; "
-                f"run_cli(lambda argv: write_params(argv, {str(out)!r}))", "model@models.ease=no_such_model"],
-               ROOT, check=False)
+    proc = run(["python", "-c", ("import sys; from reelrank.core import run_cli, write_params; "
+                                 f"run_cli(lambda argv: write_params(argv, {str(out)!r}))"),
+                "model@models.ease=no_such_model"], ROOT, check=False)
     assert proc.returncode == 1
     assert "Could not find 'model/no_such_model'" in proc.stderr and "ease" in proc.stderr
     assert not out.exists()
@@ -129,11 +129,13 @@ def test_schema_violating_file_source_names_rule_and_keeps_outputs(smoke_project
                              "data.columns.rating=r", "data.columns.timestamp=t"])
     params_file.write_text(yaml.safe_dump(params))
     raw_tmp = tmp_path / "raw"
-    run(["python", "-c", f"from reelrank.data import ingest; import yaml; "
-         f"ingest(yaml.safe_load(open('{params_file}'))['data'], '{raw_tmp}')"], smoke_project)
-    proc = run(["python", "-c", f"from reelrank.core import run_cli; from reelrank.data import validate_stage; import yaml; "
+    ingest = ("from reelrank.data import ingest; import yaml; "
+              f"ingest(yaml.safe_load(open('{params_file}'))['data'], '{raw_tmp}')")
+    run(["python", "-c", ingest], smoke_project)
+    validate = ("from reelrank.core import run_cli; from reelrank.data import validate_stage; import yaml; "
                 f"run_cli(lambda a: validate_stage(yaml.safe_load(open('{params_file}'))['validate'], '{raw_tmp}', "
-                f"'data/interim', '{tmp_path}/validation.json'))"], smoke_project, check=False)
+                f"'data/interim', '{tmp_path}/validation.json'))")
+    proc = run(["python", "-c", validate], smoke_project, check=False)
     assert proc.returncode == 1
     assert "rating_range" in proc.stderr and "1 " in proc.stderr and "rating=9.5" in proc.stderr
     assert outputs_snapshot() == before

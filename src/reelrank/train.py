@@ -76,7 +76,7 @@ def is_rank_zero() -> bool:
     "False in the extra processes a distributed launcher started (Lightning's DDP launcher, torchrun)."
     if "RANK" in os.environ:
         return int(os.environ["RANK"]) == 0
-    return int(os.environ.get("NODE_RANK", 0)) == 0 and int(os.environ.get("LOCAL_RANK", 0)) == 0
+    return int(os.environ.get("NODE_RANK", "0")) == 0 and int(os.environ.get("LOCAL_RANK", "0")) == 0
 
 def fit_stage(name: str, params_path: str | Path = "params.yaml", split_dir: str | Path = "data/processed",
               models_dir: str | Path = "models", training_dir: str | Path = "reports/training") -> dict:
