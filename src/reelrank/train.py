@@ -41,7 +41,7 @@ def score_task(model: Recommender, task: HoldOut, fitting: Interactions, eval_cf
                             fitting.item_counts(model.catalog.n_items), cutoffs=eval_cfg["cutoffs"],
                             k_save=eval_cfg["save_k"], batch_size=eval_cfg["batch_size"])
 
-# %% ../../notebooks/05_train.ipynb #c69faf5f
+# %% ../../notebooks/05_train.ipynb #07fb61c0
 def fit_model(name: str, model_cfg: dict, trainer: dict, eval_cfg: dict, seed: int, split: SplitData,
               log_dir: Path | None = None, checkpoint_dir: Path | None = None) -> tuple[Recommender, dict]:
     "Choose the best grid candidate on val, refit it on train + val; returns the refit model and a fit report."
@@ -84,14 +84,14 @@ def fit_stage(name: str, params_path: str | Path = "params.yaml", split_dir: str
     Under `trainer=ddp` Lightning re-runs this command once per extra process: those train in step with rank 0
     and write nothing, so the outputs are written once."""
     params = load_params([f"models.{name}", "trainer", "eval", "seed"], params_path)
+    setup = (name, params[f"models.{name}"], params["trainer"], params["eval"], params["seed"],
+             SplitData.load(split_dir))
+    checkpoint_dir = Path("checkpoints") / name
     if not is_rank_zero():
-        return fit_model(name, params[f"models.{name}"], params["trainer"], params["eval"], params["seed"],
-                         SplitData.load(split_dir), checkpoint_dir=Path("checkpoints") / name)[1]
+        return fit_model(*setup, checkpoint_dir=checkpoint_dir)[1]
     with atomic_output(Path(training_dir) / name) as logs, atomic_output(Path(models_dir) / name) as model_dir:
         logs.mkdir(parents=True)
-        model, report = fit_model(name, params[f"models.{name}"], params["trainer"], params["eval"],
-                                  params["seed"], SplitData.load(split_dir), log_dir=logs,
-                                  checkpoint_dir=Path("checkpoints") / name)
+        model, report = fit_model(*setup, log_dir=logs, checkpoint_dir=checkpoint_dir)
         save_model(model, model_dir)
         write_json(logs / "fit.json", report)
     log.info("%s: wrote %s and %s", name, Path(models_dir) / name, Path(training_dir) / name)

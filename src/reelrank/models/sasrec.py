@@ -247,7 +247,7 @@ class SASRecModule(L.LightningModule):
         self.best_state = best.get("state")
         self.ema = checkpoint.get("ema")
 
-# %% ../../../notebooks/04_models_sasrec.ipynb #2f3c67f5
+# %% ../../../notebooks/04_models_sasrec.ipynb #a18caece
 DEFAULT_PARAMS: dict[str, Any] = {"max_len": 100, "hidden": 96, "blocks": 2, "heads": 1, "dropout": 0.4,
                                   "lr": 5e-3, "weight_decay": 0.0, "batch_size": 32, "ema_decay": 0.99,
                                   "loss": "sampled", "n_negatives": 1024, "compile": False, "epochs": None}
@@ -256,12 +256,10 @@ ARCHITECTURE = ("max_len", "hidden", "blocks", "heads", "dropout")
 class SASRec(Recommender):
     "Causal transformer next-item model scored from each history's last position."
     family = "sasrec"
+    default_params = DEFAULT_PARAMS
 
     def __init__(self, catalog: Catalog, params: dict | None = None):
-        unknown = sorted(set(params or {}) - set(DEFAULT_PARAMS))
-        if unknown:
-            raise ConfigError(f"unknown sasrec params {unknown}; known: {sorted(DEFAULT_PARAMS)}")
-        super().__init__(catalog, {**DEFAULT_PARAMS, **(params or {})})
+        super().__init__(catalog, params)
         if self.params["loss"] not in ("full", "sampled"):
             raise ConfigError(f"sasrec loss must be 'full' or 'sampled', not {self.params['loss']!r}")
         self.net = SASRecNet(catalog.n_items, **{k: self.params[k] for k in ARCHITECTURE})

@@ -224,16 +224,14 @@ class BestWeights(Callback):
     def load_state_dict(self, state: dict) -> None:
         self.score, self.epoch, self.state = state["score"], state["epoch"], state["state"]
 
-# %% ../../../notebooks/04_models_two_tower.ipynb #1478c684
+# %% ../../../notebooks/04_models_two_tower.ipynb #226cfcaa
 class TwoTower(Recommender):
     "History tower and item tower (id, genres, year) trained with a logQ-corrected in-batch or full softmax."
     family = "two_tower"
+    default_params = DEFAULT_PARAMS
 
     def __init__(self, catalog: Catalog, params: dict | None = None):
-        unknown = sorted(set(params or {}) - set(DEFAULT_PARAMS))
-        if unknown:
-            raise ConfigError(f"unknown two_tower params {unknown}; known: {sorted(DEFAULT_PARAMS)}")
-        super().__init__(catalog, {**DEFAULT_PARAMS, **(params or {})})
+        super().__init__(catalog, params)
         for key, allowed in (("loss", LOSSES), ("targets", TARGETS)):
             if self.params[key] not in allowed:
                 raise ConfigError(f"two_tower {key} must be one of {allowed}, not {self.params[key]!r}")
