@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import subprocess
 import time
 from pathlib import Path
 
 import yaml
 
-from .core import (ReelrankError, atomic_output, get_logger, load_params, read_json, run_cli,
-                           seed_everything, write_json, write_parquet)
+from .core import (ReelrankError, atomic_output, get_logger, load_params, md5_file, read_json,
+                           run_cli, seed_everything, write_json, write_parquet)
 from .models.base import FitContext, build_model, save_model
 from .split import PARTS, SplitData
 
@@ -39,16 +40,15 @@ def git_commit(root: Path = Path(".")) -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
-def data_md5(lock_path: Path = Path("dvc.lock"), stage: str = "split") -> str:
-    "md5 of the split stage's output as recorded in dvc.lock ('unknown' before the first run)."
-    if not lock_path.exists():
-        return "unknown"
-    outs = (yaml.safe_load(lock_path.read_text()) or {}).get("stages", {}).get(stage, {}).get("outs", [])
-    return outs[0].get("md5", "unknown") if outs else "unknown"
+def data_md5(split_dir: str | Path) -> str:
+    "md5 over the names and md5s of the split's files: the data the model was fitted from."
+    files = sorted(path for path in Path(split_dir).rglob("*") if path.is_file())
+    listing = "".join(f"{path.relative_to(split_dir)} {md5_file(path)}\n" for path in files)
+    return hashlib.md5(listing.encode()).hexdigest()
 
-def params_hash(params_path: Path = Path("params.yaml")) -> str:
-    "sha256 of params.yaml (first 16 hex digits)."
-    return hashlib.sha256(Path(params_path).read_bytes()).hexdigest()[:16]
+def params_hash(params: dict) -> str:
+    "sha256 (first 16 hex digits) of the params sections the stage read, as canonical JSON."
+    return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
 
 # %% ../../notebooks/07_select.ipynb #3c31781b
 PROTOCOL = ("implicit feedback; per-user temporal split (last 10% test, 10% before it val, users with < 5 "
@@ -81,8 +81,8 @@ Selected on validation {card['metric']} among {len(card['leaderboard'])} models;
 
 ## Provenance
 - git commit: {card['provenance']['git_commit']}
-- data md5 (dvc.lock, split): {card['provenance']['data_md5']}
-- params.yaml sha256: {card['provenance']['params_hash']}
+- data md5 (the split's files): {card['provenance']['data_md5']}
+- params sha256 (the sections select read): {card['provenance']['params_hash']}
 """
 
 # %% ../../notebooks/07_select.ipynb #d4e5c109
@@ -108,7 +108,7 @@ def select_stage(params_path: str | Path = "params.yaml", metrics_dir: str | Pat
             "data": {"interactions": len(fitting_frame), "users": int(fitting_frame.user_id.nunique()),
                      "items": split.catalog.n_items},
             "leaderboard": {n: {k: row[k] for k in ("val", "test", "fit_seconds")} for n, row in leaderboard.items()},
-            "provenance": {"git_commit": git_commit(), "data_md5": data_md5(), "params_hash": params_hash(params_path)}}
+            "provenance": {"git_commit": git_commit(), "data_md5": data_md5(split_dir), "params_hash": params_hash(params)}}
     with atomic_output(out_dir) as tmp:
         save_model(model, tmp)
         write_parquet(fitting_frame[["user_id", "item_id", "timestamp"]], tmp / "interactions.parquet")

@@ -21,8 +21,8 @@ from .split import HoldOut, Interactions, SplitData
 log = get_logger("reelrank.train")
 
 # %% auto #0
-__all__ = ['log', 'expand_grid', 'score_task', 'fit_model', 'is_rank_zero', 'fit_stage', 'recommendations_frame',
-           'evaluate_stage', 'main']
+__all__ = ['log', 'HEADLINE_METRICS', 'expand_grid', 'score_task', 'fit_model', 'is_rank_zero', 'fit_stage',
+           'recommendations_frame', 'metrics_at_k', 'headline', 'evaluate_stage', 'main']
 
 # %% ../../notebooks/05_train.ipynb #982c72e0
 def expand_grid(params: dict, grid: dict | None) -> list[dict]:
@@ -98,6 +98,8 @@ def fit_stage(name: str, params_path: str | Path = "params.yaml", split_dir: str
     return report
 
 # %% ../../notebooks/05_train.ipynb #4c747804
+HEADLINE_METRICS = ("ndcg@10", "recall@20", "hit_rate@10", "mrr@10")
+
 def recommendations_frame(result: RankingResult, task: HoldOut, model: Recommender) -> pd.DataFrame:
     "Top-k lists as (user_id, rank, item_id, score) with raw ids; rank starts at 1."
     n_users, k = result.top_items.shape
@@ -108,10 +110,21 @@ def recommendations_frame(result: RankingResult, task: HoldOut, model: Recommend
                           "item_id": item_ids.ravel(), "score": result.top_scores.ravel().astype(np.float32)})
     return frame[valid.ravel()].reset_index(drop=True)
 
+def metrics_at_k(metrics: dict[str, float], cutoffs: list[int]) -> pd.DataFrame:
+    "One row per cutoff k with every `<name>@k` metric as a column `<name>` (the table `dvc plots` draws)."
+    names = sorted({key.split("@")[0] for key in metrics if "@" in key})
+    return pd.DataFrame([{"k": k, **{name: metrics[f"{name}@{k}"] for name in names}} for k in cutoffs])
+
+def headline(metrics: dict) -> dict:
+    "The few numbers `dvc metrics show` and `dvc exp show` display: val NDCG@10 and the gated test metrics."
+    return {"val": {"ndcg@10": metrics["val"]["ndcg@10"]},
+            "test": {name: metrics["test"][name] for name in HEADLINE_METRICS}}
+
 def evaluate_stage(name: str, params_path: str | Path = "params.yaml", split_dir: str | Path = "data/processed",
                    models_dir: str | Path = "models", reports_dir: str | Path = "reports",
                    training_dir: str | Path = "reports/training") -> dict:
-    "The DVC evaluate@<name> stage: test metrics and top-k lists of the refit model."
+    """The DVC evaluate@<name> stage: test metrics of the refit model (`metrics/`, all of them; `headline/`, the
+    few `dvc metrics` shows; `at_k/`, by cutoff for `dvc plots`) and its test users' top-k lists."""
     eval_cfg = load_params(["eval"], params_path)["eval"]
     split = SplitData.load(split_dir)
     model = load_model(Path(models_dir) / name)
@@ -124,7 +137,10 @@ def evaluate_stage(name: str, params_path: str | Path = "params.yaml", split_dir
     reports_dir = Path(reports_dir)
     with atomic_output(reports_dir / "recommendations" / f"{name}.parquet") as tmp:
         write_parquet(recommendations_frame(result, task, model), tmp)
+    with atomic_output(reports_dir / "at_k" / f"{name}.csv") as tmp:
+        metrics_at_k(result.metrics, eval_cfg["cutoffs"]).to_csv(tmp, index=False, float_format="%.6f")
     write_json(reports_dir / "metrics" / f"{name}.json", metrics)
+    write_json(reports_dir / "headline" / f"{name}.json", headline(metrics))
     log.info("%s test ndcg@10 %.4f", name, result.metrics["ndcg@10"])
     return metrics
 
