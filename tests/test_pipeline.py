@@ -2,6 +2,7 @@
 into params.yaml, every stage's outputs, a no-op rerun, byte-identical data stages, the batch CLI, and failures
 that leave earlier outputs intact."""
 import json
+import re
 import time
 
 import pandas as pd
@@ -66,12 +67,26 @@ def test_recommendations_are_recomputable_from_the_files(smoke_project):
     assert abs(np.mean(ndcgs) - metrics["test"]["ndcg@10"]) < 1e-6
 
 
+def stage_names(project) -> list[str]:
+    "Every stage of the project's pipeline as DVC names them (foreach stages expanded: fit@ease, ...)."
+    return list(yaml.safe_load((project / "dvc.lock").read_text())["stages"])
+
+
+def output_mtimes(project) -> dict[str, int]:
+    return {str(p.relative_to(project)): p.stat().st_mtime_ns for d in ("data", "models", "reports")
+            for p in (project / d).rglob("*") if p.is_file()}
+
+
 def test_second_repro_is_a_fast_no_op(smoke_project):
+    before = output_mtimes(smoke_project)
     started = time.perf_counter()
     proc = run(["dvc", "repro"], smoke_project)
     elapsed = time.perf_counter() - started
     print(f"no-op dvc repro: {elapsed:.2f} s")
-    assert "Running stage" not in proc.stdout
+    skipped = set(re.findall(r"Stage '([^']+)' didn't change, skipping", proc.stdout + proc.stderr))
+    assert skipped == set(stage_names(smoke_project)), proc.stdout
+    assert "Running stage" not in proc.stdout + proc.stderr
+    assert output_mtimes(smoke_project) == before
 
 
 def test_data_stages_are_byte_identical_when_forced(smoke_project):
@@ -141,7 +156,8 @@ def test_schema_violating_file_source_names_rule_and_keeps_outputs(smoke_project
     assert outputs_snapshot() == before
 
 
-def test_offline_url_source_fails_fast_through_dvc_and_keeps_outputs(smoke_project, outputs_snapshot):
+def test_a_failed_stage_loses_nothing_dvc_checkout_restores_it(smoke_project, outputs_snapshot):
+    "DVC removes a stage's outputs before running it; after a failure `dvc checkout` brings the last good ones back."
     before = outputs_snapshot()
     params = smoke_project / "params.yaml"
     original = params.read_text()
@@ -154,9 +170,29 @@ def test_offline_url_source_fails_fast_through_dvc_and_keeps_outputs(smoke_proje
         assert time.perf_counter() - started < 30
         assert proc.returncode != 0
         assert "http://127.0.0.1:9/ml-100k.zip" in proc.stdout + proc.stderr
-        assert outputs_snapshot() == before
     finally:
         params.write_text(original)
+    run(["dvc", "checkout"], smoke_project)
+    assert outputs_snapshot() == before
+    assert "Data and pipelines are up to date" in run(["dvc", "status"], smoke_project).stdout
+
+
+def test_switching_a_parameter_back_restores_from_the_run_cache(smoke_project):
+    "dvc exp run -S x=a, -S x=b, -S x=a: the third run trains nothing, DVC's run-cache restores every stage."
+    def model_md5s():
+        return {p.name: md5_file(p) for p in sorted((smoke_project / "models" / "ease").iterdir())}
+    original, metrics = model_md5s(), (smoke_project / "reports" / "metrics" / "ease.json").read_text()
+    changed = run(["dvc", "exp", "run", "-S", "profile=smoke", "-S", "models.ease.params.l2=300.0"], smoke_project)
+    assert "Running stage 'fit@ease'" in changed.stdout
+    started = time.perf_counter()
+    back = run(["dvc", "exp", "run", "-S", "profile=smoke"], smoke_project)
+    elapsed = time.perf_counter() - started
+    print(f"switching back, restored from the run-cache in {elapsed:.1f} s")
+    assert "Running stage" not in back.stdout, back.stdout
+    assert "Stage 'fit@ease' is cached - skipping run, checking out outputs" in back.stdout
+    assert model_md5s() == original
+    assert (smoke_project / "reports" / "metrics" / "ease.json").read_text() == metrics
+    assert "Data and pipelines are up to date" in run(["dvc", "status"], smoke_project).stdout
 
 
 def test_dvc_remote_push_pull_round_trip(smoke_project, tmp_path):

@@ -22,10 +22,10 @@ from .metrics import per_user_metrics
 log = get_logger("reelrank.report")
 
 # %% auto #0
-__all__ = ['log', 'GATE_METRICS', 'DEFAULT_TOLERANCE', 'GATE_RULE', 'REPORT_KEYS', 'REQUIRED_INPUTS', 'OPTIONAL_INPUTS',
-           'OFFLINE_TEMPLATE', 'per_user_table', 'MetricRegression', 'baseline_path', 'baseline_from_card',
-           'load_baseline', 'regression_table', 'check_regression', 'check_report_config', 'notebook_to_html',
-           'html_summary', 'render_report', 'accept_baseline', 'check_baseline', 'find_chromium', 'screenshot', 'main']
+__all__ = ['log', 'DEFAULT_TOLERANCE', 'GATE_RULE', 'REPORT_KEYS', 'REQUIRED_INPUTS', 'OPTIONAL_INPUTS', 'OFFLINE_TEMPLATE',
+           'per_user_table', 'MetricRegression', 'baseline_path', 'headline_metrics', 'make_baseline', 'load_baseline',
+           'regression_table', 'check_regression', 'check_report_config', 'notebook_to_html', 'html_summary',
+           'render_report', 'accept_baseline', 'check_baseline', 'find_chromium', 'screenshot', 'main']
 
 # %% ../../notebooks/11_report.ipynb #98afdd34
 def per_user_table(recommendations: pd.DataFrame, heldout: pd.DataFrame,
@@ -47,23 +47,27 @@ def per_user_table(recommendations: pd.DataFrame, heldout: pd.DataFrame,
     return pd.DataFrame(columns, index=pd.Index(users, name="user_id"))
 
 # %% ../../notebooks/11_report.ipynb #2c4a6f50
-GATE_METRICS = ("ndcg@10", "recall@20", "hit_rate@10", "mrr@10")
-DEFAULT_TOLERANCE = {"relative": 0.05, "absolute": 0.005}
+DEFAULT_TOLERANCE = {"relative": 0.01, "absolute": 0.001}
+GATE_RULE = "a metric fails when it is below baseline - max(absolute, relative * baseline)"
 
 class MetricRegression(ReelrankError):
     "A run's metrics fell below the committed baseline by more than its tolerance."
 
 def baseline_path(baseline_dir: str | Path, profile: str) -> Path:
+    "Where the baseline of `profile` lives."
     return Path(baseline_dir) / f"{profile}.json"
 
-GATE_RULE = "a metric fails when it is below baseline - max(absolute, relative * baseline)"
+def headline_metrics(headline_dir: str | Path, models: Sequence[str]) -> dict[str, dict[str, float]]:
+    "Every model's gated test metrics, read from the evaluate stage's headline files."
+    return {name: read_json(Path(headline_dir) / f"{name}.json")["test"] for name in models}
 
-def baseline_from_card(card: dict, profile: str, tolerance: dict | None = None) -> dict:
-    "A baseline made of the selected model's test metrics in a model card (`models/selected/card.json`)."
-    provenance = card.get("provenance", {})
-    return {"profile": profile, "model": card["model"], "tolerance": dict(tolerance or DEFAULT_TOLERANCE),
-            "rule": GATE_RULE, "metrics": {name: card["test"][name] for name in GATE_METRICS},
-            "data_md5": provenance.get("data_md5", "unknown"), "params_hash": provenance.get("params_hash", "unknown")}
+def make_baseline(current: dict[str, dict[str, float]], profile: str, tolerance: dict | None = None,
+                  provenance: dict | None = None) -> dict:
+    "A baseline from `headline_metrics` of a run, with its tolerance and the data/params it was accepted from."
+    provenance = provenance or {}
+    return {"profile": profile, "tolerance": dict(tolerance or DEFAULT_TOLERANCE), "rule": GATE_RULE,
+            "models": current, "data_md5": provenance.get("data_md5", "unknown"),
+            "params_hash": provenance.get("params_hash", "unknown")}
 
 def load_baseline(baseline_dir: str | Path, profile: str) -> dict:
     "The committed baseline for `profile`, with a message saying how to create one when it is missing."
@@ -72,39 +76,42 @@ def load_baseline(baseline_dir: str | Path, profile: str) -> dict:
         raise ReelrankError(f"no metric baseline for profile '{profile}' at {path}: run the pipeline on that "
                             f"profile, then `python -m reelrank.report accept-baseline --profile {profile}`")
     baseline = read_json(path)
-    missing = {"profile", "metrics", "tolerance"} - set(baseline)
+    missing = {"profile", "models", "tolerance"} - set(baseline)
     if missing:
-        raise ReelrankError(f"{path} lacks {sorted(missing)}")
+        raise ReelrankError(f"{path} lacks {sorted(missing)}: accept a new baseline with `python -m "
+                            f"reelrank.report accept-baseline --profile {profile}`")
     return baseline
 
-def regression_table(current: dict, baseline: dict) -> pd.DataFrame:
-    "One row per gated metric: baseline, current value, change, the allowed drop and whether it passed."
-    tolerance = baseline["tolerance"]
-    rows = []
-    for name, reference in baseline["metrics"].items():
-        allowed = max(tolerance["absolute"], tolerance["relative"] * reference)
-        value = current.get(name, float("nan"))
-        rows.append({"metric": name, "baseline": reference, "current": value, "change": value - reference,
-                     "allowed drop": allowed, "passed": bool(value >= reference - allowed)})
-    return pd.DataFrame(rows).set_index("metric")
+def regression_table(current: dict[str, dict[str, float]], baseline: dict) -> pd.DataFrame:
+    "`dvc metrics diff`'s rows (model, metric, old, new, change) for every model and metric of either side, judged."
+    tolerance, rows = baseline["tolerance"], []
+    for model in sorted(set(baseline["models"]) | set(current)):
+        old, new = baseline["models"].get(model, {}), current.get(model, {})
+        for metric in sorted(set(old) | set(new)):
+            before, after = old.get(metric, float("nan")), new.get(metric, float("nan"))
+            allowed = max(tolerance["absolute"], tolerance["relative"] * before)
+            rows.append({"model": model, "metric": metric, "old": before, "new": after, "change": after - before,
+                         "allowed drop": allowed, "passed": bool(after >= before - allowed)})
+    return pd.DataFrame(rows).set_index(["model", "metric"])
 
-def check_regression(current: dict, baseline: dict) -> pd.DataFrame:
-    "The gate: `regression_table`, or `MetricRegression` naming every metric that fell too far."
+def check_regression(current: dict[str, dict[str, float]], baseline: dict) -> pd.DataFrame:
+    "The gate: `regression_table`, or `MetricRegression` naming every model and metric that fell too far."
     table = regression_table(current, baseline)
     failed = table[~table.passed]
     if len(failed):
-        lines = [f"{name}: {row.current:.4f} vs baseline {row.baseline:.4f} (dropped {-row.change:.4f}, "
-                 f"allowed {row['allowed drop']:.4f})" for name, row in failed.iterrows()]
-        raise MetricRegression(f"test metrics of profile '{baseline['profile']}' regressed below the baseline:\n  "
-                               + "\n  ".join(lines) + "\nIf the change is intended, accept a new baseline with "
+        lines = [f"{model} {metric}: {row.new:.4f} vs baseline {row.old:.4f} (change {row.change:+.4f}, "
+                 f"allowed drop {row['allowed drop']:.4f})" for (model, metric), row in failed.iterrows()]
+        raise MetricRegression(f"test metrics of profile '{baseline['profile']}' regressed below the baseline "
+                               "(nan: a model or metric on one side only):\n  " + "\n  ".join(lines)
+                               + "\nIf the change is intended, accept a new baseline with "
                                f"`python -m reelrank.report accept-baseline --profile {baseline['profile']}`.")
     return table
 
 # %% ../../notebooks/11_report.ipynb #15cd97b8
 REPORT_KEYS = {"template", "notebook", "html", "execution_timeout", "parameters"}
 # input folders the template needs, with the stage that writes each; tuning results and baselines are optional
-REQUIRED_INPUTS = {"processed_dir": "split", "metrics_dir": "evaluate", "recommendations_dir": "evaluate",
-                   "training_dir": "fit", "selected_dir": "select"}
+REQUIRED_INPUTS = {"processed_dir": "split", "metrics_dir": "evaluate", "headline_dir": "evaluate",
+                   "recommendations_dir": "evaluate", "training_dir": "fit", "selected_dir": "select"}
 OPTIONAL_INPUTS = ("tuning_dir", "baseline_dir")
 
 def check_report_config(cfg: dict, profile: str, models: Sequence[str]) -> dict:
@@ -212,8 +219,8 @@ def render_report(cfg: dict, profile: str, models: Sequence[str]) -> dict:
 
 # %% ../../notebooks/11_report.ipynb #64bc8ce1
 def accept_baseline(profile: str, params_path: str | Path = "params.yaml") -> dict:
-    "Write `reports/baseline/<profile>.json` (the report's baseline_dir) from `models/selected/card.json`."
-    params = load_params(["report", "profile"], params_path)
+    "Write `reports/baseline/<profile>.json` (the report's baseline_dir) from every model's headline metrics."
+    params = load_params(["report", "profile", "models"], params_path)
     if params["profile"] != profile:
         raise ReelrankError(f"params.yaml is composed for profile '{params['profile']}', not '{profile}': run "
                             f"`dvc exp run -S profile={profile}` first, then accept its results")
@@ -221,16 +228,17 @@ def accept_baseline(profile: str, params_path: str | Path = "params.yaml") -> di
     card = read_json(Path(parameters["selected_dir"]) / "card.json")
     path = baseline_path(parameters["baseline_dir"], profile)
     tolerance = read_json(path)["tolerance"] if path.exists() else DEFAULT_TOLERANCE
-    baseline = baseline_from_card(card, profile, tolerance)
+    baseline = make_baseline(headline_metrics(parameters["headline_dir"], params["models"]), profile, tolerance,
+                             card.get("provenance"))
     write_json(path, baseline)
     return baseline
 
 def check_baseline(params_path: str | Path = "params.yaml") -> pd.DataFrame:
-    "Compare the selected model's test metrics with the baseline of the profile params.yaml was composed for."
-    params = load_params(["report", "profile"], params_path)
+    "Compare every model's headline test metrics with the baseline of the profile params.yaml was composed for."
+    params = load_params(["report", "profile", "models"], params_path)
     parameters = params["report"]["parameters"]
-    card = read_json(Path(parameters["selected_dir"]) / "card.json")
-    return check_regression(card["test"], load_baseline(parameters["baseline_dir"], params["profile"]))
+    return check_regression(headline_metrics(parameters["headline_dir"], params["models"]),
+                            load_baseline(parameters["baseline_dir"], params["profile"]))
 
 # %% ../../notebooks/11_report.ipynb #7ae1780a
 def find_chromium() -> str:
