@@ -15,11 +15,12 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import yaml
+from omegaconf import OmegaConf
 
 # %% auto #0
-__all__ = ['ReelrankError', 'ConfigError', 'DataError', 'find_root', 'compose_config', 'load_params', 'atomic_output',
-           'write_params', 'write_json', 'read_json', 'write_parquet', 'md5_file', 'get_logger', 'seed_everything',
-           'run_cli']
+__all__ = ['ReelrankError', 'ConfigError', 'DataError', 'find_root', 'require_values', 'compose_config', 'load_params',
+           'atomic_output', 'write_params', 'write_json', 'read_json', 'write_parquet', 'md5_file', 'get_logger',
+           'seed_everything', 'run_cli']
 
 # %% ../../notebooks/00_core.ipynb #90eb42d2
 class ReelrankError(Exception):
@@ -41,11 +42,17 @@ def find_root(start: str | Path | None = None) -> Path:
     return here
 
 # %% ../../notebooks/00_core.ipynb #0ed3a4c9
+def require_values(cfg: Any, where: str) -> None:
+    "Raise a `ConfigError` naming every mandatory (`???`) value of `cfg` that is still unset."
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"{where}: {', '.join(missing)} must be set (it is ??? in conf/); "
+                          f"add an override such as {missing[0]}=<value>")
+
 def compose_config(overrides: Iterable[str] = (), config_dir: str | Path | None = None) -> dict:
     "Compose `conf/config.yaml` with Hydra `overrides` into a plain dict."
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
-    from omegaconf import OmegaConf
 
     config_dir = Path(config_dir or find_root() / "conf").resolve()
     try:
@@ -53,24 +60,24 @@ def compose_config(overrides: Iterable[str] = (), config_dir: str | Path | None 
             cfg = compose(config_name="config", overrides=list(overrides))
     except HydraException as exc:
         raise ConfigError(f"cannot compose {config_dir} with overrides {list(overrides)}: {exc}") from None
+    require_values(cfg, f"composing {config_dir} with overrides {list(overrides)}")
     return OmegaConf.to_container(cfg, resolve=True)
 
 # %% ../../notebooks/00_core.ipynb #7ebc1c24
-def _lookup(params: dict, dotted: str, source: Path) -> Any:
-    node: Any = params
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            raise ConfigError(f"{source}: missing parameter section '{dotted}'")
-        node = node[part]
-    return node
+_ABSENT = object()
 
 def load_params(sections: Iterable[str], path: str | Path = "params.yaml") -> dict:
     "The `sections` (dotted names allowed) of the params file at `path`, keyed by section name."
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path} not found: run from the project root, or compose it with `dvc exp run`")
-    params = yaml.safe_load(path.read_text()) or {}
-    return {name: _lookup(params, name, path) for name in sections}
+    params = OmegaConf.load(path)
+    selected = {name: OmegaConf.select(params, name, default=_ABSENT) for name in sections}
+    absent = [name for name, section in selected.items() if section is _ABSENT]
+    if absent:
+        raise ConfigError(f"{path}: missing parameter section(s) {', '.join(map(repr, absent))}")
+    require_values(selected, str(path))
+    return OmegaConf.to_container(OmegaConf.create(selected))
 
 # %% ../../notebooks/00_core.ipynb #d3e04503
 def _remove(path: Path) -> None:
@@ -140,9 +147,14 @@ def md5_file(path: str | Path, chunk: int = 1 << 20) -> str:
 
 # %% ../../notebooks/00_core.ipynb #9f1b9671
 def get_logger(name: str = "reelrank") -> logging.Logger:
-    "A logger that prints `time level name: message` once per process."
-    logging.basicConfig(level=os.environ.get("REELRANK_LOG_LEVEL", "INFO"),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    "The logger `name` (under `reelrank`), whose records print once as `time level name: message` on stderr."
+    package = logging.getLogger("reelrank")
+    if not package.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        package.addHandler(handler)
+        package.setLevel(os.environ.get("REELRANK_LOG_LEVEL", "INFO"))
+        package.propagate = False
     return logging.getLogger(name)
 
 def seed_everything(seed: int) -> None:
