@@ -23,28 +23,34 @@ from .package import MODEL_NAME
 
 # %% ../../notebooks/10_service.ipynb #c4ec327b
 class BatchingConfig(BaseModel):
-    max_batch_size: int = Field(ge=2)
-    max_latency_ms: int = Field(ge=1)
+    "Adaptive batching of the `Scorer`'s `rank` (batched mode); in both modes, /recommend_batch is ranked in chunks."
+    max_batch_size: int = Field(ge=2, description="most requests in one scoring batch or /recommend_batch chunk")
+    max_latency_ms: int = Field(ge=1, description="a call that would wait longer is shed with 503: a deadline, "
+                                                  "not a batching window")
 
 class AnnConfig(BaseModel):
-    min_items: int = Field(ge=1)
-    nprobe: int = Field(ge=1)
+    "The FAISS IVF index that factor models (iALS) over large catalogs rank with."
+    min_items: int = Field(ge=1, description="catalogs with at least this many items use the index; smaller ones "
+                                             "rank exactly")
+    nprobe: int = Field(ge=1, description="inverted lists scanned per query (more: slower, closer to exact)")
 
 class ServeConfig(BaseModel):
     "The `serve` config section: request limits, scoring mode, batching, the FAISS option and variable names."
     model_config = ConfigDict(extra="forbid")
-    scoring: Literal["inline", "batched"]
-    workers: int = Field(ge=1)
-    timeout_s: float = Field(gt=0)
-    max_k: int = Field(ge=1)
-    max_history: int = Field(ge=1)
-    max_batch: int = Field(ge=1)
-    max_body_bytes: int = Field(ge=1024)
-    batching: BatchingConfig
-    ann: AnnConfig
-    torch_threads: int = Field(ge=1)
-    auth_token_env: str
-    request_log_env: str
+    scoring: Literal["inline", "batched"] = Field(
+        description="inline: every API worker holds the model and ranks its own requests (fastest on CPU); "
+                    "batched: one Scorer service ranks adaptively batched /recommend calls (for a GPU)")
+    workers: int = Field(ge=1, description="API worker processes (inline: each holds a copy of the model)")
+    timeout_s: float = Field(gt=0, description="seconds after which a request still running gets 504")
+    max_k: int = Field(ge=1, description="largest k a request may ask for")
+    max_history: int = Field(ge=1, description="most movie ids in one request's history")
+    max_batch: int = Field(ge=1, description="most requests in one /recommend_batch call")
+    max_body_bytes: int = Field(ge=1024, description="a larger request body gets 413")
+    batching: BatchingConfig = Field(description="adaptive batching and /recommend_batch chunks")
+    ann: AnnConfig = Field(description="the approximate index for large catalogs")
+    torch_threads: int = Field(ge=1, description="intra-op threads of the scoring process")
+    auth_token_env: str = Field(description="the variable that, when set, holds the bearer token API calls need")
+    request_log_env: str = Field(description="the variable that, when set to a directory, logs requests there")
 
 # %% ../../notebooks/10_service.ipynb #ee0304ad
 SETTINGS = bentoml.use_arguments(ServeConfig)
@@ -57,8 +63,9 @@ TopK = Annotated[int, Field(ge=1, le=SETTINGS.max_k, description="how many movie
 class RecommendRequest(BaseModel):
     "A known user, a history of movie ids (appended to the user's own), or both."
     model_config = ConfigDict(extra="forbid", strict=True)
-    user_id: UserId | None = None
-    history: Annotated[list[MovieId], Field(max_length=SETTINGS.max_history)] | None = None
+    user_id: UserId | None = Field(None, description="a MovieLens userId; unknown users get no personal history")
+    history: Annotated[list[MovieId], Field(max_length=SETTINGS.max_history)] | None = Field(
+        None, description="movie ids in the order they were watched; unknown ids are ignored and reported")
     k: TopK = 10
     exclude_seen: bool = Field(True, description="never return movies in the user's history")
 
@@ -69,41 +76,48 @@ class RecommendRequest(BaseModel):
         return self
 
 class SimilarRequest(BaseModel):
+    "A movie to find movies like."
     model_config = ConfigDict(extra="forbid", strict=True)
     movie_id: MovieId
     k: TopK = 10
 
 class RecommendBatchRequest(BaseModel):
+    "Many recommend requests in one call."
     model_config = ConfigDict(extra="forbid", strict=True)
-    requests: Annotated[list[RecommendRequest], Field(min_length=1, max_length=SETTINGS.max_batch)]
+    requests: Annotated[list[RecommendRequest], Field(min_length=1, max_length=SETTINGS.max_batch,
+                                                      description="answered in this order")]
 
 class Item(BaseModel):
-    movie_id: int
-    title: str
-    score: float
+    "One recommended movie."
+    movie_id: int = Field(description="a MovieLens movieId")
+    title: str = Field(description="the catalog's title")
+    score: float = Field(description="the model's score (a popularity count for a fallback); the best comes first")
 
 class ModelInfo(BaseModel):
-    name: str
-    version: str
+    "The packaged model that answered."
+    name: str = Field(description="the selected model's name, e.g. sasrec")
+    version: str = Field(description="its version in the BentoML model store")
 
 class RecommendResponse(BaseModel):
-    items: list[Item]
-    model: ModelInfo
+    "The answer to one recommend request."
+    items: list[Item] = Field(description="at most k movies, best first")
+    model: ModelInfo = Field(description="the packaged model that answered")
     fallback: Literal["popularity"] | None = Field(description="set when the answer is not personalised")
     ignored_history: list[int] = Field(description="history movie ids that are not in the catalog")
 
 class SimilarResponse(BaseModel):
-    movie_id: int
-    items: list[Item]
-    model: ModelInfo
+    "Movies to recommend to someone who watched `movie_id`."
+    movie_id: int = Field(description="the movie asked about")
+    items: list[Item] = Field(description="at most k movies, best first")
+    model: ModelInfo = Field(description="the packaged model that answered")
 
 class Ranked(BaseModel):
     "The scorer's answer to one request (an engine `Recommendation`)."
-    item_ids: list[int]
-    titles: list[str]
-    scores: list[float]
-    fallback: Literal["popularity"] | None
-    ignored_history: list[int]
+    item_ids: list[int] = Field(description="movie ids, best first")
+    titles: list[str] = Field(description="their titles")
+    scores: list[float] = Field(description="their scores")
+    fallback: Literal["popularity"] | None = Field(description="set when the answer is not personalised")
+    ignored_history: list[int] = Field(description="history movie ids that are not in the catalog")
 
 # %% ../../notebooks/10_service.ipynb #c0761c43
 def rank_requests(engine, requests: list[RecommendRequest], chunk: int) -> list[Ranked]:

@@ -142,6 +142,7 @@ class HoldOut:
 
 @dataclass
 class SplitData:
+    "A split read back from disk: the catalog and the train, val and test frames."
     catalog: Catalog
     frames: dict[str, pd.DataFrame]
 
@@ -190,6 +191,7 @@ def split_stage(cfg: dict, in_dir: str | Path = "data/interim", out_dir: str | P
     return counts
 
 def main(argv: list[str] | None = None) -> None:
+    "`python -m reelrank.split [--params params.yaml]`: the split stage of `dvc.yaml`."
     parser = argparse.ArgumentParser(prog="python -m reelrank.split", description=split_stage.__doc__)
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
