@@ -1,9 +1,13 @@
 """Integration tests of reelrank.data: every source format, checksum/offline failures, validation and determinism.
-All offline: GroupLens zips are small files in each real format, written by the tests themselves."""
+All offline: GroupLens zips are small files in each real format, written by the tests themselves and downloaded
+from a local HTTP server."""
+import functools
 import hashlib
+import http.server
 import os
 import subprocess
 import sys
+import threading
 import time
 import zipfile
 from pathlib import Path
@@ -48,6 +52,24 @@ def grouplens_cfg(tmp_path: Path, name: str, members: dict[str, bytes]) -> dict:
     pinned = write_zip(download_dir / f"{name}.zip", members)
     return {"source": "grouplens", "name": name, "url": DEAD_URL.format(name), "download_dir": str(download_dir),
             "max_users": None, **pinned}
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def served(tmp_path):
+    "(folder, base URL): files written into the folder are served over HTTP on 127.0.0.1."
+    folder = tmp_path / "served"
+    folder.mkdir()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=folder))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield folder, f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    thread.join()
 
 
 def assert_raw_schema(interactions: pd.DataFrame, items: pd.DataFrame) -> None:
@@ -125,33 +147,63 @@ def test_member_lookup_tolerates_the_top_folder_but_names_a_missing_member(tmp_p
 
 # ---------------------------------------------------------------- download, checksum, offline
 
-def test_download_verifies_and_reuses(tmp_path):
-    pinned = write_zip(tmp_path / "served.zip", {"ml-1m/ratings.dat": b"1::1::5::978300760\n",
-                                                 "ml-1m/movies.dat": b"1::Toy Story (1995)::Comedy\n"})
-    cfg = {"source": "grouplens", "name": "ml-1m", "url": (tmp_path / "served.zip").as_uri(),
+def test_download_verifies_and_reuses(tmp_path, served):
+    folder, base = served
+    pinned = write_zip(folder / "ml-1m.zip", {"ml-1m/ratings.dat": b"1::1::5::978300760\n",
+                                              "ml-1m/movies.dat": b"1::Toy Story (1995)::Comedy\n"})
+    cfg = {"source": "grouplens", "name": "ml-1m", "url": f"{base}/ml-1m.zip",
            "download_dir": str(tmp_path / "external"), **pinned}
     assert len(load_source(cfg)[0]) == 1
-    assert (tmp_path / "external" / "ml-1m.zip").read_bytes() == (tmp_path / "served.zip").read_bytes()
-    (tmp_path / "served.zip").unlink()  # a second run must not need the network
+    assert (tmp_path / "external" / "ml-1m.zip").read_bytes() == (folder / "ml-1m.zip").read_bytes()
+    (folder / "ml-1m.zip").unlink()  # a second run must not need the network
     assert len(load_source(cfg)[0]) == 1
     assert os.listdir(tmp_path / "external") == ["ml-1m.zip"]
 
 
-def test_download_with_wrong_checksum_leaves_nothing(tmp_path):
-    pinned = write_zip(tmp_path / "served.zip", {"ml-1m/ratings.dat": b"1::1::5::978300760\n"})
+def test_download_with_wrong_checksum_leaves_nothing(tmp_path, served):
+    folder, base = served
+    pinned = write_zip(folder / "ml-1m.zip", {"ml-1m/ratings.dat": b"1::1::5::978300760\n"})
     wrong = "f" * 64
-    cfg = {"source": "grouplens", "name": "ml-1m", "url": (tmp_path / "served.zip").as_uri(),
+    cfg = {"source": "grouplens", "name": "ml-1m", "url": f"{base}/ml-1m.zip",
            "download_dir": str(tmp_path / "external"), "size": pinned["size"], "sha256": wrong}
     with pytest.raises(DataError, match="sha256") as error:
         load_source(cfg)
-    assert wrong in str(error.value) and pinned["sha256"] in str(error.value) and "ml-1m.zip" in str(error.value)
+    message = str(error.value)
+    assert wrong in message and pinned["sha256"] in message and "ml-1m.zip" in message and cfg["url"] in message
     assert os.listdir(tmp_path / "external") == []
 
 
-def test_local_zip_with_wrong_checksum_is_rejected(tmp_path):
+def test_missing_file_on_the_server_names_the_url(tmp_path, served):
+    _, base = served
+    cfg = {"source": "grouplens", "name": "ml-1m", "url": f"{base}/ml-1m.zip",
+           "download_dir": str(tmp_path / "external"), "size": 1, "sha256": "f" * 64}
+    with pytest.raises(DataError, match="404") as error:
+        load_source(cfg)
+    assert cfg["url"] in str(error.value) and not (tmp_path / "external" / "ml-1m.zip").exists()
+
+
+def test_stale_local_zip_is_downloaded_again(tmp_path, served):
+    folder, base = served
+    cfg = grouplens_cfg(tmp_path, "ml-1m", {"ml-1m/ratings.dat": b"1::1::5::978300760\n",
+                                            "ml-1m/movies.dat": b"1::Toy Story (1995)::Comedy\n"})
+    fresh = (tmp_path / "external" / "ml-1m.zip").read_bytes()
+    (folder / "ml-1m.zip").write_bytes(fresh)
+    (tmp_path / "external" / "ml-1m.zip").write_bytes(fresh[:100])  # an interrupted copy by hand
+    assert len(load_source({**cfg, "url": f"{base}/ml-1m.zip"})[0]) == 1
+    assert (tmp_path / "external" / "ml-1m.zip").read_bytes() == fresh
+
+
+def test_local_zip_with_wrong_checksum_is_rejected_offline(tmp_path):
     cfg = grouplens_cfg(tmp_path, "ml-100k", {"ml-100k/u.data": b"1\t1\t5\t881250949\n"})
-    with pytest.raises(DataError, match="sha256"):
-        load_source({**cfg, "size": cfg["size"] + 1, "sha256": "0" * 64})
+    with pytest.raises(DataError, match="ml-100k.zip does not match the pinned sha256") as error:
+        load_source({**cfg, "sha256": "0" * 64})
+    assert cfg["url"] in str(error.value)
+
+
+def test_pinned_size_must_agree_with_the_verified_zip(tmp_path):
+    cfg = grouplens_cfg(tmp_path, "ml-100k", {"ml-100k/u.data": b"1\t1\t5\t881250949\n"})
+    with pytest.raises(ConfigError, match="size"):
+        load_source({**cfg, "size": cfg["size"] + 1})
 
 
 def test_offline_fails_fast_naming_the_url(tmp_path):
@@ -164,13 +216,20 @@ def test_offline_fails_fast_naming_the_url(tmp_path):
     assert time.monotonic() - start < 5
     message = str(error.value)
     assert url in message and str(Path(tmp_path / "external" / "ml-100k.zip")) in message and "\n" not in message
-    assert not (tmp_path / "external").exists()
+    assert not (tmp_path / "external" / "ml-100k.zip").exists()
 
 
 def test_missing_sha256_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="sha256"):
         fetch_grouplens({"source": "grouplens", "name": "ml-32m", "download_dir": str(tmp_path),
                          "url": "https://files.grouplens.org/datasets/movielens/ml-32m.zip"})
+
+
+def test_file_source_without_path_is_named_by_the_stage(tmp_path):
+    (tmp_path / "params.yaml").write_text("data:\n  source: file\n  path: ???\n  columns: {user_id: u, item_id: i}\n")
+    failed = subprocess.run([sys.executable, "-m", "reelrank.data", "ingest"], cwd=tmp_path, capture_output=True,
+                            text=True, check=False)
+    assert failed.returncode == 1 and failed.stderr.startswith("error: params.yaml: data.path must be set")
 
 
 def test_unknown_source_lists_valid_ones():
