@@ -2,8 +2,8 @@
 `python -m reelrank.package` into a temporary BENTOML_HOME; the bento is served with `bentoml serve` on a free
 loopback port (bearer-token auth and request logging switched on through their environment variables) and stopped
 by killing its process group. Good and bad requests check the contract in the default `inline` scoring mode; a
-second bento with `scoring: batched` (a Scorer service with adaptive batching) must answer the same; a parity test
-checks that the service's top-k equals the batch CLI's from the same saved model."""
+second bento with `scoring: batched` (a Scorer service with adaptive batching) must answer the same. Parity with
+the offline evaluation is tests/test_parity.py."""
 import json
 import subprocess
 import sys
@@ -223,25 +223,6 @@ def test_wrong_method_and_missing_token(server, client):
     assert no_token.headers["www-authenticate"] == "Bearer"
     wrong = httpx.post(f"{server}/recommend", json={"user_id": 1}, headers={"Authorization": "Bearer nope"})
     assert wrong.status_code == 401
-
-
-def test_parity_with_the_batch_cli(packaged, client):
-    "For the same users and k, the service returns exactly the batch CLI's top-k from the same saved model."
-    work, env, _ = packaged
-    users = [*range(1, 21), UNKNOWN_USER]
-    out = work / "batch.parquet"
-    subprocess.run([sys.executable, "-m", "reelrank.recommend", "--model", str(work / "selected"), "--users",
-                    *map(str, users), "--k", "10", "--out", str(out)], cwd=work, env=env, check=True,
-                   capture_output=True, timeout=120)
-    batch = pd.read_parquet(out)
-    served = client.post("/recommend_batch", json={"requests": [{"user_id": u} for u in users]}).json()
-    for user, answer in zip(users, served):
-        expected = batch[batch.user_id == user].sort_values("rank")
-        assert [i["movie_id"] for i in answer["items"]] == expected.item_id.tolist(), user
-        assert np.array_equal(np.float32([i["score"] for i in answer["items"]]), expected.score.to_numpy())
-        assert (answer["fallback"] or "") == expected.fallback.iloc[0]
-        single = client.post("/recommend", json={"user_id": user}).json()
-        assert single["items"] == answer["items"]
 
 
 def server_errors(url: str) -> list[str]:

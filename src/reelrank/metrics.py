@@ -16,13 +16,28 @@ __all__ = ['ScoreFn', 'topk_unseen', 'per_user_metrics', 'RankingResult', 'popul
 
 # %% ../../notebooks/03_metrics.ipynb #0c4fa1fb
 def topk_unseen(scores: torch.Tensor, seen: Sequence[np.ndarray] | None, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    "Top-`k` (values, item indices) per row of `scores`, never returning an item in that row's `seen`."
+    """Top-`k` (values, item indices) per row of `scores`, never returning an item in that row's `seen`. Equal
+    scores rank the lower item index first, so a row gets the same list whether it is ranked alone or in a batch."""
     scores = scores.float().clone()
     if seen is not None:
         rows = np.repeat(np.arange(len(seen)), [len(s) for s in seen])
         cols = np.concatenate(seen) if len(seen) else np.zeros(0, np.int64)
         scores[torch.as_tensor(rows, dtype=torch.long), torch.as_tensor(cols, dtype=torch.long)] = -torch.inf
-    values, items = torch.topk(scores, min(k, scores.shape[1]), dim=1)
+    k = min(k, scores.shape[1])
+    # torch.topk orders ties in a way that depends on the batch shape; one extra place shows whether the k-th
+    # score is tied with an item left out, and only such rows take their tied items by lowest index instead
+    values, items = torch.topk(scores, min(k + 1, scores.shape[1]), dim=1)
+    cut_ties = values[:, k] == values[:, k - 1] if values.shape[1] > k else torch.zeros(len(scores), dtype=torch.bool)
+    values, items = values[:, :k].contiguous(), items[:, :k].contiguous()
+    for row in torch.nonzero(cut_ties).flatten().tolist():
+        kth = values[row, -1]
+        above = torch.nonzero(scores[row] > kth).flatten()
+        items[row] = torch.cat([above, torch.nonzero(scores[row] == kth).flatten()[: k - len(above)]])
+        values[row] = scores[row, items[row]]
+    by_index = torch.argsort(items, dim=1)
+    items, values = items.gather(1, by_index), values.gather(1, by_index)
+    by_score = torch.argsort(values, dim=1, descending=True, stable=True)
+    items, values = items.gather(1, by_score), values.gather(1, by_score)
     return values, items.masked_fill(torch.isinf(values) & (values < 0), -1)
 
 # %% ../../notebooks/03_metrics.ipynb #7247eb9d
