@@ -13,7 +13,7 @@ export DVC_NO_ANALYTICS := true
 export MPLBACKEND := Agg
 
 .DEFAULT_GOAL := help
-.PHONY: help setup system-deps run serve tune test unit integration params accept-baseline lock sync-check lint clean
+.PHONY: help setup system-deps run serve tune test unit integration params accept-baseline lock sync-check lint docs clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -73,6 +73,14 @@ sync-check: setup ## fail when notebooks and src/reelrank are out of sync
 
 lint: setup ## ruff over the exported package and tests
 	ruff check src tests
+
+# nbdev's processing (what nbdev-proc-nbs does, minus its Quarto set-up, which would download and install Quarto)
+# runs the imports, exported cells and show_doc calls of each changed notebook into _proc/; MkDocs then renders
+# _proc/ and docs/ into _site/ (docs/hooks/notebooks.py turns the processed notebooks into pages). The theme's
+# end-of-life banner is silenced: docs/site.md states it.
+docs: setup ## build the documentation site from the notebooks into _site/ (open _site/index.html)
+	python -c "from nbdev.serve import proc_nbs; proc_nbs()"
+	NO_MKDOCS_2_WARNING=1 mkdocs build --quiet
 
 clean: ## remove the virtual environment
 	rm -rf $(VENV)

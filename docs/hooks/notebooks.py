@@ -1,0 +1,163 @@
+"""MkDocs hook: one Markdown page per notebook processed by nbdev (`_proc/*.ipynb`).
+
+`nbdev.serve.proc_nbs` leaves notebooks meant for Quarto: a raw front-matter cell, `show_doc` cells carrying
+`#| echo: false` and `#| output: asis`, exported cells emptied, and doc links of the form `/metrics.html#name`.
+Quarto is not installable here, so this hook does its part of the job: it turns each processed notebook into
+Markdown (prose as written, example code as Python blocks, the outputs of what processing ran) that
+Material for MkDocs renders like any hand-written page, and lists the pages in the navigation in notebook order.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import yaml
+from mkdocs.exceptions import PluginError
+from mkdocs.structure.files import File
+
+PROC = "_proc"
+NOTEBOOKS = "notebooks"
+NAV_SECTION = "Notebooks (API)"
+
+_DIRECTIVE = re.compile(r"^#\|\s*([\w-]+)\s*:?\s*(.*)$")
+# nbdev links a backticked symbol to `/<page>.html#<anchor>` (root-relative, since no doc host is configured);
+# relative `.md` links let MkDocs check them and make them work under any base URL
+_DOC_LINK = re.compile(r"\]\(/([\w.-]+)\.html(#[^)\s]*)?\)")
+# a notebook links to another as 03_metrics.ipynb; its page is metrics.md (nbdev's name: no number prefix)
+_NOTEBOOK_LINK = re.compile(r"\]\((?:\d+[a-zA-Z0-9]*_)?([\w.-]+?)\.ipynb(#[^)\s]*)?\)")
+# a notebook links to pages and pictures in docs/ as ../docs/<file>; on the site they sit next to the pages
+_DOCS_FILE = re.compile(r"(\]\(|src=\")\.\./docs/")
+_SHOW_DOC_HEADING = re.compile(r"^(#{1,6}) (\S+)$", re.MULTILINE)
+
+
+def _text(value: str | list[str]) -> str:
+    return value if isinstance(value, str) else "".join(value)
+
+
+def _links(markdown: str) -> str:
+    markdown = _DOC_LINK.sub(lambda m: f"]({m.group(1)}.md{m.group(2) or ''})", markdown)
+    markdown = _NOTEBOOK_LINK.sub(lambda m: f"]({m.group(1).lower()}.md{m.group(2) or ''})", markdown)
+    return _DOCS_FILE.sub(r"\1", markdown)
+
+
+def _directives(source: str) -> tuple[dict[str, str], str]:
+    "Quarto cell options (`#| key: value` lines at the top) and the code after them."
+    lines = source.splitlines()
+    options = {}
+    while lines and (match := _DIRECTIVE.match(lines[0])):
+        options[match.group(1)] = match.group(2).strip()
+        lines.pop(0)
+    return options, "\n".join(lines).strip("\n")
+
+
+def _fence(text: str, lang: str = "text") -> str:
+    return f"```{lang}\n{text.rstrip()}\n```"
+
+
+def _anchored(markdown: str) -> str:
+    "Give a show_doc heading the anchor nbdev links to (its lower-cased name, dots kept)."
+    return _SHOW_DOC_HEADING.sub(lambda m: f"{m.group(1)} {m.group(2)} {{ #{m.group(2).lower()} }}", markdown,
+                                 count=1)
+
+
+def _output(output: dict, page: str) -> str | None:
+    if output["output_type"] == "stream":
+        # stderr while processing carries library warnings, not documentation
+        return _fence(_text(output["text"])) if output["name"] == "stdout" else None
+    data = output.get("data", {})
+    if "text/markdown" in data:
+        return _anchored(_links(_text(data["text/markdown"])))
+    if "text/html" in data:
+        return _text(data["text/html"])
+    if "text/plain" in data:
+        return _fence(_text(data["text/plain"]))
+    raise PluginError(f"{page}: no rendering for a notebook output of type {output['output_type']} {sorted(data)}")
+
+
+def _front_matter(cell: dict) -> dict:
+    text = _text(cell["source"]).strip()
+    if cell["cell_type"] != "raw" or not text.startswith("---"):
+        return {}
+    return yaml.safe_load(text.strip("-")) or {}
+
+
+def _own_symbols_first(markdown: str, page: str) -> str:
+    """Point links to a name documented on this page at this page.
+
+    nbdev resolves a backticked name through one table for the whole package, so a name two modules export (the
+    model interface `Recommender` and the BentoML service `Recommender`) links to the first; on the page that
+    documents its own, the name means that one, as it does in the module's code.
+    """
+    anchors = set(re.findall(r"\{ #([^ }]+) \}", markdown))
+    links = re.compile(r"\]\(([\w.-]+)\.md#([^)\s]+)\)")
+    return links.sub(lambda m: f"]({page}#{m.group(2)})" if m.group(2) in anchors else m.group(0), markdown)
+
+
+def notebook_markdown(notebook: dict, page: str, source_note: str) -> str:
+    "The Markdown page `page` (a file name) for one processed notebook."
+    cells = notebook["cells"]
+    meta = _front_matter(cells[0]) if cells else {}
+    blocks = [f"# {meta['title']}"] if meta.get("title") else []
+    if meta.get("description"):
+        blocks.append(f"*{meta['description']}*")
+    if source_note:
+        blocks.append(source_note)
+    for cell in cells[1:] if meta else cells:
+        source = _text(cell["source"])
+        if cell["cell_type"] == "markdown":
+            blocks.append(_links(source))
+            continue
+        if cell["cell_type"] != "code" or not source.strip():
+            continue
+        options, code = _directives(source)
+        if options.get("include") == "false":
+            continue
+        if code and options.get("echo") != "false":
+            blocks.append(_fence(code, "python"))
+        if options.get("output") != "false":
+            blocks.extend(filter(None, (_output(output, page) for output in cell.get("outputs", []))))
+    return _own_symbols_first("\n\n".join(blocks) + "\n", page)
+
+
+def _module(notebook: Path) -> str | None:
+    "The module a source notebook exports to (its `#| default_exp`), if any."
+    for cell in json.loads(notebook.read_text(encoding="utf-8"))["cells"]:
+        for line in _text(cell["source"]).splitlines():
+            if line.startswith("#| default_exp"):
+                return "reelrank." + line.split(maxsplit=2)[2].strip()
+    return None
+
+
+def _pages(root: Path) -> list[tuple[str, str, str]]:
+    "(page file, nav label, Markdown) for every processed notebook, in notebook order."
+    pages = []
+    for processed in sorted((root / PROC).glob("*.ipynb")):
+        notebook = json.loads(processed.read_text(encoding="utf-8"))
+        meta = _front_matter(notebook["cells"][0]) if notebook["cells"] else {}
+        page = Path(meta.get("output-file", processed.stem + ".html")).with_suffix(".md").name
+        module = _module(root / NOTEBOOKS / processed.name)
+        note = (f"Notebook `{NOTEBOOKS}/{processed.name}`, exported to `src/{module.replace('.', '/')}.py`."
+                if module else "")
+        pages.append((page, module or meta.get("title", processed.stem), notebook_markdown(notebook, page, note)))
+    return pages
+
+
+_pages_of_build: list[tuple[str, str, str]] = []
+
+
+def on_config(config):
+    root = Path(config.config_file_path).parent
+    _pages_of_build[:] = _pages(root)
+    if not _pages_of_build:
+        raise PluginError(f"no processed notebooks in {root / PROC}: run `make docs`, which processes them first")
+    api = [{label: page} for page, label, _ in _pages_of_build if page != "index.md"]
+    config.nav = [*(config.nav or []), {NAV_SECTION: api}]
+    return config
+
+
+def on_files(files, config):
+    for page, _, markdown in _pages_of_build:
+        files.append(File.generated(config, page, content=markdown))
+    return files
