@@ -2,7 +2,8 @@
 
 The `ddp` strategy re-runs the launching command once per extra process, so the fits run in processes of their own
 rather than inside pytest: a script (written to tmp_path) where each rank leaves a marker file so the test can tell
-both took part, and the pipeline's own fit stage, whose outputs only rank 0 writes."""
+both took part, and the pipeline's own fit stage, whose outputs only rank 0 writes. Lightning's rank-zero INFO lines
+are off (see notebook 04e), so a process taking part shows in its own "Initializing distributed" line."""
 import json
 import subprocess
 import sys
@@ -55,12 +56,12 @@ def test_two_tower_ddp_fit_saves_on_rank_zero_only(tmp_path):
     proc = subprocess.run([sys.executable, str(script), str(tmp_path)], check=False, cwd=tmp_path, env=project_env(),
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "Starting with 2 processes" in proc.stdout + proc.stderr
+    assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in proc.stdout + proc.stderr
     # run() returns once every holder of the output pipes closed them: rank 1, which inherits them, is done too
     summaries = {name: json.loads((tmp_path / f"{name}.json").read_text()) for name in ("rank0", "rank1")}
     assert summaries["rank0"]["epochs_trained"] == summaries["rank1"]["epochs_trained"] == 1
     assert summaries["rank0"]["best_val_ndcg@10"] == summaries["rank1"]["best_val_ndcg@10"]
-    assert (tmp_path / "checkpoints" / "last.ckpt").exists()
+    assert not list((tmp_path / "checkpoints").rglob("*.ckpt"))   # a finished fit deletes its checkpoint
     assert not (tmp_path / "lightning_logs").exists()
 
     model = load_model(tmp_path / "model")
@@ -79,7 +80,7 @@ def test_ddp_fit_stage_writes_its_outputs_once(tmp_path):
                           env=project_env(), capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     output = proc.stdout + proc.stderr
-    assert "Starting with 2 processes" in output
+    assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in output
     assert output.count("two_tower: wrote models/two_tower and reports/training/two_tower") == 1
     assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["two_tower"]
     assert sorted(p.name for p in (tmp_path / "reports" / "training").iterdir()) == ["two_tower"]

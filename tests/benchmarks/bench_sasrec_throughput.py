@@ -22,23 +22,25 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 import yaml
 from lightning.pytorch.callbacks import Callback
+from torch.utils.data import DataLoader
 
 from reelrank.models.base import FitContext
 from reelrank.models.sasrec import (
     DEFAULT_PARAMS,
     PAD,
-    SASRecModule,
+    SASRec,
     SASRecNet,
+    WindowBatches,
     full_softmax_loss,
     sampled_softmax_loss,
     training_windows,
-    window_loader,
 )
-from reelrank.models.training import lightning_trainer
-from reelrank.split import Interactions, SplitData
+from reelrank.models.training import FitModule, WeightAverage, lightning_trainer
+from reelrank.split import Catalog, Interactions, SplitData
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -76,7 +78,7 @@ class EpochTimer(Callback):
 
 def plain_epochs(net: SASRecNet, params: dict, sampling_probs: torch.Tensor, loader,
                  epochs: int) -> list[tuple[float, float]]:
-    "The training step of SASRecModule (loss, AdamW, weight average) as a bare PyTorch loop; (wall, CPU) s/epoch."
+    "SASRec's training step (loss, AdamW, weight average) as a bare PyTorch loop; (wall, CPU) s/epoch."
     optimiser = torch.optim.AdamW(net.parameters(), lr=params["lr"], weight_decay=params["weight_decay"],
                                   betas=(0.9, 0.98))
     average = [p.detach().clone() for p in net.parameters()] if params["ema_decay"] else None
@@ -104,16 +106,21 @@ def plain_epochs(net: SASRecNet, params: dict, sampling_probs: torch.Tensor, loa
     return seconds
 
 
-def lightning_epochs(net: SASRecNet, params: dict, item_counts: torch.Tensor, loader, epochs: int,
+def lightning_epochs(net: SASRecNet, params: dict, sampling_probs: torch.Tensor, loader, epochs: int,
                      trainer_cfg: dict) -> list[tuple[float, float]]:
-    "SASRecModule under the Reelrank Trainer (no val set, no logger, no checkpoints); (wall, CPU) s per epoch."
+    "SASRec's FitModule under the Reelrank Trainer (no val set, no logger, no checkpoints); (wall, CPU) s per epoch."
     timer = EpochTimer()
-    module = SASRecModule(net, params, item_counts)
+    n_items = net.item_embedding.num_embeddings - 1
+    model = SASRec(Catalog.from_frame(pd.DataFrame({"item_id": np.arange(n_items), "title": "", "genres": "",
+                                                    "year": 2000})), params)
+    model.net = net
+    averaging = [WeightAverage(params["ema_decay"])] if params["ema_decay"] else []
     trainer = lightning_trainer({**trainer_cfg, "deterministic": False}, FitContext(callbacks=[timer]), epochs,
-                                early_stopping=False, checkpoint_dir=None, root_dir=Path(torch.__file__).parent)
+                                early_stopping=False, checkpoint_dir=None, root_dir=Path(torch.__file__).parent,
+                                callbacks=averaging)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*(validation_step|many workers).*")
-        trainer.fit(module, loader)
+        trainer.fit(FitModule(model, {"sampling_probs": sampling_probs}, None), loader)
     return timer.seconds
 
 
@@ -148,11 +155,12 @@ def main() -> None:
     for round_number in range(args.rounds + 1):
         for name in ("plain", "lightning"):
             torch.manual_seed(round_number)      # same shuffling for both loops within a round
-            loader = window_loader(inputs, targets, params["batch_size"], shuffle=True)
+            loader = DataLoader(range(len(inputs)), batch_size=params["batch_size"], shuffle=True,
+                                collate_fn=WindowBatches(inputs, targets))
             net = copy.deepcopy(initial)
             epochs = 1 if round_number == 0 else args.epochs
             seconds = (plain_epochs(net, params, sampling_probs, loader, epochs) if name == "plain"
-                       else lightning_epochs(net, params, item_counts, loader, epochs, trainer_cfg))
+                       else lightning_epochs(net, params, sampling_probs, loader, epochs, trainer_cfg))
             if round_number == 0:
                 continue
             for clock, per_epoch in zip(("wall", "CPU"), zip(*seconds)):
