@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-import pandas as pd
 import yaml
 from optuna.distributions import (BaseDistribution, CategoricalDistribution, FloatDistribution,
                                   IntDistribution)
+from optuna.study import MaxTrialsCallback
 from optuna.trial import TrialState
 from optuna_integration import PyTorchLightningPruningCallback
 
@@ -30,10 +30,10 @@ from .train import score_task
 log = get_logger("reelrank.tune")
 
 # %% auto #0
-__all__ = ['log', 'PRUNERS', 'FINISHED', 'WORKER', 'search_space', 'suggest', 'hydra_value', 'trial_overrides', 'make_sampler',
-           'make_pruner', 'open_storage', 'split_md5', 'open_study', 'BudgetSpent', 'fail_dead_trials', 'places_taken',
-           'PruningCallback', 'Sweep', 'trials_frame', 'param_importances', 'tuned_config_path', 'write_tuned_config',
-           'write_summaries', 'available_sweeps', 'parse_overrides', 'tune', 'main']
+__all__ = ['log', 'PRUNERS', 'BUDGET_STATES', 'WORKER', 'TRIAL_COLUMNS', 'search_space', 'suggest', 'hydra_value',
+           'trial_overrides', 'make_sampler', 'make_pruner', 'open_storage', 'split_md5', 'open_study',
+           'fail_dead_trials', 'run_trials', 'PruningCallback', 'Sweep', 'param_importances', 'tuned_config_path',
+           'write_tuned_config', 'write_summaries', 'available_sweeps', 'parse_overrides', 'tune', 'main']
 
 # %% ../../notebooks/06_tune.ipynb #5271a72c
 _FIELDS = {"float": {"low", "high", "log", "step"}, "int": {"low", "high", "log", "step"},
@@ -183,11 +183,8 @@ def open_study(storage: optuna.storages.BaseStorage, shown: str, name: str, dire
     return study
 
 # %% ../../notebooks/06_tune.ipynb #22bae37b
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+BUDGET_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
 WORKER = f"{socket.gethostname()}:{os.getpid()}"
-
-class BudgetSpent(Exception):
-    "Raised in a trial that another worker's trial already made surplus."
 
 def _alive(pid: int) -> bool:
     if pid == os.getpid():
@@ -219,10 +216,10 @@ def fail_dead_trials(study: optuna.Study, storage: optuna.storages.BaseStorage) 
         optuna.storages.fail_stale_trials(study)
     return failed
 
-def places_taken(study: optuna.Study, before: int | None = None) -> int:
-    "Finished trials plus running ones (only those numbered below `before`, when given)."
-    return sum(1 for t in study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))
-               if t.state != TrialState.RUNNING or before is None or t.number < before)
+def run_trials(study: optuna.Study, objective, n_trials: int, timeout: float | None = None) -> None:
+    "Run trials until the study holds `n_trials` complete, pruned or running trials, or `timeout` seconds passed."
+    if len(study.get_trials(deepcopy=False, states=BUDGET_STATES)) < n_trials:
+        study.optimize(objective, timeout=timeout, callbacks=[MaxTrialsCallback(n_trials, states=BUDGET_STATES)])
 
 # %% ../../notebooks/06_tune.ipynb #fbe90c85
 class PruningCallback(PyTorchLightningPruningCallback):
@@ -246,7 +243,6 @@ class Sweep:
     space: dict[str, BaseDistribution]
     sampler_cfg: dict
     metric: str
-    n_trials: int
     split: SplitData
     root: Path
 
@@ -257,8 +253,6 @@ class Sweep:
         # a fresh sampler per trial: see "Sampler and pruner" above
         trial.study.sampler = make_sampler(self.sampler_cfg, trial.number)
         trial.set_user_attr("worker", WORKER)
-        if places_taken(trial.study, before=trial.number) >= self.n_trials:
-            raise BudgetSpent(f"the study already holds or runs {self.n_trials} trials")
         values = {key: suggest(trial, key, dist) for key, dist in self.space.items()}
         cfg = compose_config([*self.overrides, *trial_overrides(self.model, values)], self.root / "conf")
         model_cfg = cfg["models"][self.model]
@@ -276,7 +270,8 @@ class Sweep:
         val = score_task(model, self.valid, self.train, cfg["eval"]).metrics
         if self.metric not in val:
             raise ConfigError(f"sweep.metric '{self.metric}' is not an evaluation metric (known: {sorted(val)})")
-        trial.set_user_attr("val", _plain(val))
+        for key, value in _plain(val).items():
+            trial.set_user_attr(f"val_{key}", value)
         trial.set_user_attr("refit_params", _plain(model.refit_params()))
         if not callback.reported:
             trial.report(val[self.metric], step=0)
@@ -285,50 +280,33 @@ class Sweep:
         return val[self.metric]
 
 # %% ../../notebooks/06_tune.ipynb #792335ee
-def trials_frame(study: optuna.Study) -> pd.DataFrame:
-    "One row per trial: number, state, value, best so far, fit time, worker, start, params and val metrics."
-    rows = []
-    for t in study.get_trials(deepcopy=False):
-        rows.append({"number": t.number, "state": t.state.name, "value": t.value,
-                     "fit_seconds": t.user_attrs.get("fit_seconds"), "worker": t.user_attrs.get("worker"),
-                     "started": t.datetime_start,
-                     **{f"param_{k}": v for k, v in t.params.items()},
-                     **{f"val_{k}": v for k, v in t.user_attrs.get("val", {}).items()}})
-    frame = pd.DataFrame(rows)
-    if frame.empty:
-        return frame
-    values = frame["value"].where(frame["state"] == "COMPLETE").astype(float)
-    best = values.cummax() if study.direction == optuna.study.StudyDirection.MAXIMIZE else values.cummin()
-    frame.insert(3, "best_value", best)
-    return frame
+TRIAL_COLUMNS = ("number", "state", "value", "datetime_start", "duration", "params", "user_attrs")
 
 def param_importances(study: optuna.Study) -> dict[str, float]:
     "PED-ANOVA importance of each parameter over the complete trials; empty below two complete trials."
     if len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))) < 2:
+        log.info("study %s: parameter importances need two complete trials", study.study_name)
         return {}
     evaluator = optuna.importance.PedAnovaImportanceEvaluator()
-    try:
-        return {k: float(v) for k, v in optuna.importance.get_param_importances(study, evaluator=evaluator).items()}
-    except (ValueError, RuntimeError) as exc:  # e.g. every complete trial sampled the same point
-        log.warning("no parameter importances for study %s: %s", study.study_name, exc)
-        return {}
+    return {k: float(v) for k, v in optuna.importance.get_param_importances(study, evaluator=evaluator).items()}
 
-def _plots(frame: pd.DataFrame, importances: dict, metric: str, out: Path) -> None:
-    from matplotlib.figure import Figure
+def _plots(study: optuna.Study, with_importances: bool, metric: str, out: Path) -> None:
+    "Optuna's history, slice and (`with_importances`) importance plots of `study` as PNGs in `out`."
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as plots
 
-    fig = Figure(figsize=(6, 3.5), layout="constrained")
-    ax = fig.subplots()
-    done = frame[frame["state"] == "COMPLETE"]
-    ax.scatter(done["number"], done["value"], s=12, label="trial")
-    ax.plot(frame["number"], frame["best_value"].ffill(), color="C1", label="best so far")
-    ax.set(xlabel="trial", ylabel=f"val {metric}", title="Optimization history")
-    ax.legend()
-    fig.savefig(out / "history.png", dpi=100)
-    fig = Figure(figsize=(6, 0.6 + 0.4 * max(len(importances), 1)), layout="constrained")
-    ax = fig.subplots()
-    ax.barh(list(importances)[::-1], list(importances.values())[::-1])
-    ax.set(xlabel="PED-ANOVA importance", title="Parameter importances")
-    fig.savefig(out / "importances.png", dpi=100)
+    target = f"val {metric}"
+    drawings = {"history.png": lambda: plots.plot_optimization_history(study, target_name=target),
+                "slice.png": lambda: plots.plot_slice(study, target_name=target)}
+    if with_importances:
+        drawings["importances.png"] = lambda: plots.plot_param_importances(
+            study, evaluator=optuna.importance.PedAnovaImportanceEvaluator(), target_name=target)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # Optuna's matplotlib plots
+        for name, draw in drawings.items():
+            draw()
+            plt.savefig(out / name, dpi=100, bbox_inches="tight")
+            plt.close()
 
 def tuned_config_path(root: Path, model: str) -> Path:
     return root / "conf" / "model" / f"{model}_tuned.yaml"
@@ -342,23 +320,20 @@ def write_tuned_config(path: Path, base: dict, best: optuna.trial.FrozenTrial, c
     return config
 
 def write_summaries(study: optuna.Study, out: Path, info: dict) -> dict:
-    "trials.csv, importances.json, summary.json and two PNG plots of `study` in `out`; returns the summary."
+    "trials.csv, importances.json, summary.json and Optuna's plots of `study` in `out`; returns the summary."
     out.mkdir(parents=True, exist_ok=True)
-    frame = trials_frame(study)
     with atomic_output(out / "trials.csv") as tmp:
-        frame.to_csv(tmp, index=False)
+        study.trials_dataframe(attrs=TRIAL_COLUMNS).to_csv(tmp, index=False)
     importances = param_importances(study)
     write_json(out / "importances.json", importances)
     states = [t.state.name.lower() for t in study.get_trials(deepcopy=False)]
     summary = {**info, "study_name": study.study_name, "direction": study.direction.name.lower(),
                "n_trials": {s: states.count(s) for s in ("complete", "pruned", "fail", "running")},
                "importances": importances}
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    if complete:
+    if summary["n_trials"]["complete"]:
         best = study.best_trial
-        summary["best"] = {"number": best.number, "value": best.value, "params": best.params,
-                           **{k: best.user_attrs.get(k) for k in ("fit_seconds", "val", "refit_params")}}
-        _plots(frame, importances, info["metric"], out)
+        summary["best"] = {"number": best.number, "value": best.value, "params": best.params, **best.user_attrs}
+        _plots(study, bool(importances), info["metric"], out)
     write_json(out / "summary.json", summary)
     return summary
 
@@ -402,14 +377,10 @@ def tune(overrides: list[str], root: str | Path | None = None) -> dict:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = open_study(storage, shown, sweep["study_name"], sweep["direction"], definition,
                        make_pruner(sweep["pruner"]))
-    runner = Sweep(model, overrides, space, sweep["sampler"], sweep["metric"], n_trials, split, root)
-    started = time.monotonic()
-    while True:
-        if failed := fail_dead_trials(study, storage):
-            log.info("marked trials %s of dead workers failed", failed)
-        if places_taken(study) >= n_trials or (timeout is not None and time.monotonic() - started > timeout):
-            break
-        study.optimize(runner.objective, n_trials=1, catch=(BudgetSpent,))
+    if failed := fail_dead_trials(study, storage):
+        log.info("marked trials %s of dead workers failed", failed)
+    run_trials(study, Sweep(model, overrides, space, sweep["sampler"], sweep["metric"], split, root).objective,
+               n_trials, timeout)
     tuned = tuned_config_path(root, model)
     info = {"model": model, "metric": sweep["metric"], "storage": shown, "search_space": sweep["params"],
             "overrides": [o for o in overrides if not o.startswith(("+sweep=", "sweep."))],
@@ -429,6 +400,9 @@ def tune(overrides: list[str], root: str | Path | None = None) -> dict:
 
 # %% ../../notebooks/06_tune.ipynb #6b7437b8
 def main(argv: list[str] | None = None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # a worker only writes PNGs, often on a machine without a display
     parser = argparse.ArgumentParser(
         prog="reelrank tune", description="Optuna sweep over one model's search space in conf/sweep/<model>.yaml",
         epilog="example: reelrank tune model=ease sweep.n_trials=20 sweep.storage=postgresql://user@host/optuna",
