@@ -18,19 +18,7 @@ from .models.base import Recommender, load_model
 from .split import Interactions
 
 # %% auto #0
-__all__ = ['FACTOR_VECTORS', 'history_scorer', 'factor_vectors', 'FaissTopK', 'Recommendation', 'RecommendationEngine', 'main']
-
-# %% ../../notebooks/08_recommend.ipynb #f15844ca
-def history_scorer(model: Recommender) -> Callable[[Sequence[np.ndarray]], torch.Tensor]:
-    "The function the engine scores non-empty histories with: a row sum over B for EASE^R, `model.score` otherwise."
-    if model.family != "ease":
-        return model.score
-
-    def score(histories: Sequence[np.ndarray]) -> torch.Tensor:
-        flat = torch.as_tensor(np.concatenate(histories), dtype=torch.long)
-        offsets = torch.as_tensor(np.cumsum([0] + [len(h) for h in histories[:-1]]), dtype=torch.long)
-        return torch.nn.functional.embedding_bag(flat, model.weights, offsets, mode="sum")
-    return score
+__all__ = ['FACTOR_VECTORS', 'factor_vectors', 'FaissTopK', 'Recommendation', 'RecommendationEngine', 'main']
 
 # %% ../../notebooks/08_recommend.ipynb #0a68ff67
 def _ials_vectors(model: Recommender) -> tuple[Callable[[Sequence[np.ndarray]], torch.Tensor], torch.Tensor]:
@@ -98,7 +86,6 @@ class RecommendationEngine:
         # popularity fallback: most interacted first, ties by catalog order
         self.popular = torch.as_tensor(counts - np.arange(len(counts)) / (10.0 * len(counts)), dtype=torch.float32)
         self.titles = self.catalog.items.title.fillna("").astype(str).to_numpy()
-        self.score_histories = history_scorer(model)
         vectors = factor_vectors(model) if ann_min_items is not None and self.catalog.n_items >= ann_min_items else None
         self.user_vectors, self.ann = (vectors[0], FaissTopK(vectors[1], ann_nprobe)) if vectors else (None, None)
 
@@ -149,7 +136,7 @@ class RecommendationEngine:
         if self.ann is None:
             scores = self.popular.expand(len(histories), -1).clone()
             if personal:
-                scores.index_copy_(0, rows, self.score_histories([histories[i] for i in personal]).float())
+                scores.index_copy_(0, rows, self.model.score([histories[i] for i in personal]).float())
             return topk_unseen(scores, histories if exclude_seen else None, k)
         values, items = topk_unseen(self.popular.expand(len(histories), -1), histories if exclude_seen else None, k)
         if personal:

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .base import Recommender, sparse_rows
+from .base import Recommender
 from ..split import Interactions
 
 # %% auto #0
@@ -37,7 +37,10 @@ class EASE(Recommender):
         return self
 
     def score(self, histories: Sequence[np.ndarray]) -> torch.Tensor:
-        return sparse_rows(histories, self.catalog.n_items) @ self.weights
+        "Each history's sum of B's rows, one bag per history (every row summed on its own, whatever the batch)."
+        flat = torch.as_tensor(np.concatenate(histories), dtype=torch.long)
+        offsets = torch.as_tensor(np.cumsum([0] + [len(h) for h in histories[:-1]]), dtype=torch.long)
+        return torch.nn.functional.embedding_bag(flat, self.weights, offsets, mode="sum")
 
     def save_weights(self, directory: Path) -> None:
         save_file({"weights": self.weights.contiguous()}, str(Path(directory) / "ease.safetensors"))
