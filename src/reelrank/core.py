@@ -137,13 +137,10 @@ def write_parquet(df, path: str | Path) -> None:
     "Write a DataFrame to Parquet without its index; same frame, same bytes (so DVC md5s repeat)."
     df.to_parquet(path, index=False, engine="pyarrow", compression="zstd")
 
-def md5_file(path: str | Path, chunk: int = 1 << 20) -> str:
+def md5_file(path: str | Path) -> str:
     "Hex md5 of a file, read in chunks."
-    digest = hashlib.md5()
     with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(fh, "md5").hexdigest()
 
 # %% ../../notebooks/00_core.ipynb #9f1b9671
 def get_logger(name: str = "reelrank") -> logging.Logger:
