@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -89,11 +90,15 @@ def fit_stage(name: str, params_path: str | Path = "params.yaml", split_dir: str
     checkpoint_dir = Path("checkpoints") / name
     if not is_rank_zero():
         return fit_model(*setup, checkpoint_dir=checkpoint_dir)[1]
-    with atomic_output(Path(training_dir) / name) as logs, atomic_output(Path(models_dir) / name) as model_dir:
-        logs.mkdir(parents=True)
+    # training logs are written in place: DVC clears a stage's outputs before running it, and DVCLive declares its
+    # files in dvc.yaml by the path it writes them to; the model, which later stages and the service read, is atomic
+    logs = Path(training_dir) / name
+    shutil.rmtree(logs, ignore_errors=True)
+    logs.mkdir(parents=True)
+    with atomic_output(Path(models_dir) / name) as model_dir:
         model, report = fit_model(*setup, log_dir=logs, checkpoint_dir=checkpoint_dir)
         save_model(model, model_dir)
-        write_json(logs / "fit.json", report)
+    write_json(logs / "fit.json", report)
     log.info("%s: wrote %s and %s", name, Path(models_dir) / name, Path(training_dir) / name)
     return report
 

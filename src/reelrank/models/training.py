@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import shutil
 import sys
 import tempfile
@@ -55,7 +56,9 @@ def lightning_trainer(trainer_cfg: dict, context: FitContext, max_epochs: int, e
     logger = False
     if context.log_dir is not None:
         from dvclive.lightning import DVCLiveLogger
-        logger = DVCLiveLogger(dir=str(context.log_dir), save_dvc_exp=False, dvcyaml=False, report=None,
+        # DVC runs a stage's command with DVC_ROOT set; elsewhere (notebooks, tests) DVCLive leaves dvc.yaml alone
+        dvcyaml = str(Path(os.environ["DVC_ROOT"]) / "dvc.yaml") if "DVC_ROOT" in os.environ else False
+        logger = DVCLiveLogger(dir=str(context.log_dir), save_dvc_exp=False, dvcyaml=dvcyaml, report=None,
                                resume=resuming)
     settings = {key: trainer_cfg[key] for key in TRAINER_KEYS if key in trainer_cfg}
     return L.Trainer(max_epochs=max_epochs, callbacks=callbacks, logger=logger, default_root_dir=root_dir,
