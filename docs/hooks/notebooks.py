@@ -5,10 +5,12 @@
 Quarto is not installable here, so this hook does its part of the job: it turns each processed notebook into
 Markdown (prose as written, example code as Python blocks, the outputs of what processing ran) that
 Material for MkDocs renders like any hand-written page, and lists the pages in the navigation in notebook order.
+Two of nbdev's name lookups are made page-aware on the way: source links and doc links of names a page defines.
 """
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 from pathlib import Path
@@ -30,6 +32,8 @@ _NOTEBOOK_LINK = re.compile(r"\]\((?:\d+[a-zA-Z0-9]*_)?([\w.-]+?)\.ipynb(#[^)\s]
 # a notebook links to pages and pictures in docs/ as ../docs/<file>; on the site they sit next to the pages
 _DOCS_FILE = re.compile(r"(\]\(|src=\")\.\./docs/")
 _SHOW_DOC_HEADING = re.compile(r"^(#{1,6}) (\S+)$", re.MULTILINE)
+# nbdev's link to a definition: <repository>/blob/<branch>/<module path below src/>#L<line>
+_SOURCE_LINK = re.compile(r"\[source\]\(([^)\s]+/)reelrank/[\w/]+\.py#L\w+\)")
 
 
 def _text(value: str | list[str]) -> str:
@@ -56,19 +60,52 @@ def _fence(text: str, lang: str = "text") -> str:
     return f"```{lang}\n{text.rstrip()}\n```"
 
 
-def _anchored(markdown: str) -> str:
-    "Give a show_doc heading the anchor nbdev links to (its lower-cased name, dots kept)."
-    return _SHOW_DOC_HEADING.sub(lambda m: f"{m.group(1)} {m.group(2)} {{ #{m.group(2).lower()} }}", markdown,
-                                 count=1)
+def _definitions(module_file: Path) -> dict[str, int]:
+    "The line of each top-level function and class of a module, and of each method as `Class.method`."
+    lines = {}
+    for node in ast.parse(module_file.read_text(encoding="utf-8")).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            lines[node.name] = node.lineno
+        if isinstance(node, ast.ClassDef):
+            lines.update({f"{node.name}.{item.name}": item.lineno for item in node.body
+                          if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef))})
+    return lines
 
 
-def _output(output: dict, page: str) -> str | None:
+class _Module:
+    "The module a page documents: its path below src/ and where its definitions start."
+
+    def __init__(self, name: str, src: Path):
+        self.name = name
+        self.path = name.replace(".", "/") + ".py"
+        self.lines = _definitions(src / self.path)
+
+    def show_doc(self, markdown: str) -> str:
+        """A show_doc output with the anchor nbdev links to and, for this module's own definitions, its source link.
+
+        The heading gets its lower-cased name, dots kept, as anchor. nbdev finds a source line by the bare name of
+        what the processed notebook defined, so every module's `main` pointed at the first `main` of the package;
+        a name this module defines is looked up in this module's file instead.
+        """
+        heading = _SHOW_DOC_HEADING.search(markdown)
+        if not heading:
+            return markdown
+        name = heading.group(2)
+        markdown = (markdown[:heading.start()] + f"{heading.group(1)} {name} {{ #{name.lower()} }}"
+                    + markdown[heading.end():])
+        if name not in self.lines:
+            return markdown
+        return _SOURCE_LINK.sub(lambda m: f"[source]({m.group(1)}{self.path}#L{self.lines[name]})", markdown, count=1)
+
+
+def _output(output: dict, page: str, module: _Module | None) -> str | None:
     if output["output_type"] == "stream":
         # stderr while processing carries library warnings, not documentation
         return _fence(_text(output["text"])) if output["name"] == "stdout" else None
     data = output.get("data", {})
     if "text/markdown" in data:
-        return _anchored(_links(_text(data["text/markdown"])))
+        markdown = _links(_text(data["text/markdown"]))
+        return module.show_doc(markdown) if module else markdown
     if "text/html" in data:
         return _text(data["text/html"])
     if "text/plain" in data:
@@ -95,15 +132,15 @@ def _own_symbols_first(markdown: str, page: str) -> str:
     return links.sub(lambda m: f"]({page}#{m.group(2)})" if m.group(2) in anchors else m.group(0), markdown)
 
 
-def notebook_markdown(notebook: dict, page: str, source_note: str) -> str:
-    "The Markdown page `page` (a file name) for one processed notebook."
+def notebook_markdown(notebook: dict, page: str, module: _Module | None) -> str:
+    "The Markdown page `page` (a file name) for one processed notebook that exports to `module`, if any."
     cells = notebook["cells"]
     meta = _front_matter(cells[0]) if cells else {}
     blocks = [f"# {meta['title']}"] if meta.get("title") else []
     if meta.get("description"):
         blocks.append(f"*{meta['description']}*")
-    if source_note:
-        blocks.append(source_note)
+    if module:
+        blocks.append(f"Module `{module.name}`, exported to `src/{module.path}`.")
     for cell in cells[1:] if meta else cells:
         source = _text(cell["source"])
         if cell["cell_type"] == "markdown":
@@ -117,11 +154,11 @@ def notebook_markdown(notebook: dict, page: str, source_note: str) -> str:
         if code and options.get("echo") != "false":
             blocks.append(_fence(code, "python"))
         if options.get("output") != "false":
-            blocks.extend(filter(None, (_output(output, page) for output in cell.get("outputs", []))))
+            blocks.extend(filter(None, (_output(output, page, module) for output in cell.get("outputs", []))))
     return _own_symbols_first("\n\n".join(blocks) + "\n", page)
 
 
-def _module(notebook: Path) -> str | None:
+def _module_name(notebook: Path) -> str | None:
     "The module a source notebook exports to (its `#| default_exp`), if any."
     for cell in json.loads(notebook.read_text(encoding="utf-8"))["cells"]:
         for line in _text(cell["source"]).splitlines():
@@ -137,10 +174,9 @@ def _pages(root: Path) -> list[tuple[str, str, str]]:
         notebook = json.loads(processed.read_text(encoding="utf-8"))
         meta = _front_matter(notebook["cells"][0]) if notebook["cells"] else {}
         page = Path(meta.get("output-file", processed.stem + ".html")).with_suffix(".md").name
-        module = _module(root / NOTEBOOKS / processed.name)
-        note = (f"Notebook `{NOTEBOOKS}/{processed.name}`, exported to `src/{module.replace('.', '/')}.py`."
-                if module else "")
-        pages.append((page, module or meta.get("title", processed.stem), notebook_markdown(notebook, page, note)))
+        name = _module_name(root / NOTEBOOKS / processed.name)
+        module = _Module(name, root / "src") if name else None
+        pages.append((page, name or meta.get("title", processed.stem), notebook_markdown(notebook, page, module)))
     return pages
 
 
