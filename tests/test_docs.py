@@ -101,3 +101,17 @@ def test_home_page_renders(site_url, tmp_path):
     # the theme's header bar (the stylesheet loaded): a band of one saturated colour across the top
     header = pixels[5:40, :, :]
     assert (header.max(axis=2) - header.min(axis=2) > 60).mean() > 0.9
+
+
+def test_every_source_link_points_at_its_definition(site_url):
+    "Each show_doc heading's source link names a line of src/ that defines that name (not a same-named one)."
+    link = re.compile(r'href="https://github\.com/reelrank/reelrank/blob/main/src/(reelrank/[\w/]+\.py)#L(\d+)"'
+                      r'[^>]*>source</a>.*?<h3 id="([^"]+)"', re.DOTALL)
+    checked = 0
+    for page in sorted(SITE.glob("*.html")):
+        for module, line, anchor in link.findall(page.read_text()):
+            name = anchor.rsplit(".", 1)[-1]
+            code = (ROOT / "src" / module).read_text().splitlines()[int(line) - 1]
+            assert re.match(rf"\s*(async def|def|class) {re.escape(name)}\b", code, re.IGNORECASE), (page.name, anchor, code)
+            checked += 1
+    assert checked > 100, checked
