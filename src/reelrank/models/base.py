@@ -21,7 +21,7 @@ from ..split import Catalog, HoldOut, Interactions
 
 # %% auto #0
 __all__ = ['MODEL_REGISTRY', 'FitContext', 'Recommender', 'model_class', 'build_model', 'save_model', 'load_model', 'TrainingSet',
-           'LightningRecommender', 'sparse_rows']
+           'LightningRecommender']
 
 # %% ../../../notebooks/04a_models_base.ipynb #50fe0b21
 @dataclass
@@ -198,12 +198,3 @@ class LightningRecommender(Recommender):
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), **self.summary, "n_parameters": sum(p.numel() for p in self.net.parameters())}
-
-# %% ../../../notebooks/04a_models_base.ipynb #c32ee168
-def sparse_rows(histories: Sequence[np.ndarray], n_items: int) -> torch.Tensor:
-    "Histories as a torch sparse CSR binary matrix (len(histories) x n_items)."
-    from reelrank.split import histories_matrix
-    m = histories_matrix(histories, n_items)
-    return torch.sparse_csr_tensor(torch.as_tensor(m.indptr, dtype=torch.int64),
-                                   torch.as_tensor(m.indices, dtype=torch.int64),
-                                   torch.as_tensor(m.data), size=m.shape)
