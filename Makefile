@@ -80,7 +80,7 @@ lint: setup ## ruff over the exported package and tests
 # end-of-life banner is silenced: docs/site.md states it.
 docs: setup ## build the documentation site from the notebooks into _site/ (open _site/index.html)
 	python -c "from nbdev.serve import proc_nbs; proc_nbs()"
-	NO_MKDOCS_2_WARNING=1 mkdocs build --quiet
+	NO_MKDOCS_2_WARNING=1 mkdocs build
 
 clean: ## remove the virtual environment
 	rm -rf $(VENV)

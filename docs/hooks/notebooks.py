@@ -5,7 +5,8 @@
 Quarto is not installable here, so this hook does its part of the job: it turns each processed notebook into
 Markdown (prose as written, example code as Python blocks, the outputs of what processing ran) that
 Material for MkDocs renders like any hand-written page, and lists the pages in the navigation in notebook order.
-Two of nbdev's name lookups are made page-aware on the way: source links and doc links of names a page defines.
+On the way, source links and doc links of names a page defines point at that page's own definitions, and a
+link to a method without an entry of its own points at its class.
 """
 
 from __future__ import annotations
@@ -167,6 +168,21 @@ def _module_name(notebook: Path) -> str | None:
     return None
 
 
+def _methods_to_classes(pages: list[tuple[str, str, str]]) -> list[tuple[str, str, str]]:
+    "Point links to a method without an entry of its own (nbdev documents classes, not each method) at its class."
+    anchors = {page: set(re.findall(r"\{ #([^ }]+) \}", markdown)) for page, _, markdown in pages}
+
+    def target(m: re.Match) -> str:
+        page, anchor = m.group(1) + ".md", m.group(2)
+        owner = anchor.split(".")[0]
+        if page in anchors and anchor not in anchors[page] and owner in anchors[page]:
+            return f"]({page}#{owner})"
+        return m.group(0)
+
+    links = re.compile(r"\]\(([\w.-]+)\.md#([^)\s]+)\)")
+    return [(page, label, links.sub(target, markdown)) for page, label, markdown in pages]
+
+
 def _pages(root: Path) -> list[tuple[str, str, str]]:
     "(page file, nav label, Markdown) for every processed notebook, in notebook order."
     pages = []
@@ -177,7 +193,7 @@ def _pages(root: Path) -> list[tuple[str, str, str]]:
         name = _module_name(root / NOTEBOOKS / processed.name)
         module = _Module(name, root / "src") if name else None
         pages.append((page, name or meta.get("title", processed.stem), notebook_markdown(notebook, page, module)))
-    return pages
+    return _methods_to_classes(pages)
 
 
 _pages_of_build: list[tuple[str, str, str]] = []
