@@ -59,6 +59,17 @@ def smoke_project(tmp_path_factory) -> Path:
     return project
 
 
+def screenshot_pixels(png: Path) -> tuple[np.ndarray, float, int]:
+    "A screenshot's RGB pixels, its share of non-white pixels and its number of distinct colours (8 levels each)."
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(png).convert("RGB")).astype(int)
+    not_white = (pixels < 245).any(axis=2).mean()
+    colors = len(np.unique(pixels.reshape(-1, 3) // 8, axis=0))
+    print(f"screenshot: {not_white:.1%} non-white pixels, {colors} distinct colours")
+    return pixels, not_white, colors
+
+
 def write_toy_split(processed: Path, n_users: int, n_items: int, per_user: int) -> None:
     "A split stage's output (train/val/test/items parquet) for `n_users` users with `per_user` random items each."
     from reelrank.core import write_parquet

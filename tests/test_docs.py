@@ -8,10 +8,8 @@ import tempfile
 import time
 import urllib.request
 
-import numpy as np
 import pytest
-from conftest import ROOT, run
-from PIL import Image
+from conftest import ROOT, run, screenshot_pixels
 
 from reelrank.report import find_chromium
 
@@ -92,11 +90,8 @@ def test_metrics_page_shows_signatures_examples_and_source_links(site_url):
 def test_home_page_renders(site_url, tmp_path):
     png = tmp_path / "home.png"
     chromium(f"{site_url}/index.html", f"--screenshot={png}", "--window-size=1280,900")
-    pixels = np.asarray(Image.open(png).convert("RGB")).astype(int)
+    pixels, not_white, colors = screenshot_pixels(png)
     assert pixels.shape == (900, 1280, 3)
-    not_white = (pixels < 245).any(axis=2).mean()
-    colors = len(np.unique(pixels.reshape(-1, 3) // 8, axis=0))
-    print(f"screenshot: {not_white:.1%} non-white pixels, {colors} distinct colours")
     assert not_white > 0.05 and colors > 20, "the home page rendered blank"
     # the theme's header bar (the stylesheet loaded): a band of one saturated colour across the top
     header = pixels[5:40, :, :]

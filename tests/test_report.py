@@ -10,8 +10,7 @@ import numpy as np
 import papermill
 import pytest
 import yaml
-from conftest import ROOT, run
-from PIL import Image
+from conftest import ROOT, run, screenshot_pixels
 
 from reelrank.report import DEFAULT_TOLERANCE, html_summary, screenshot
 from reelrank.train import HEADLINE_METRICS
@@ -66,11 +65,8 @@ def test_report_has_embedded_figures_and_no_code(smoke_report):
 
 def test_report_renders_in_headless_chromium(smoke_report, tmp_path):
     png = screenshot(smoke_report, tmp_path / "report.png", width=1280, height=4000)
-    pixels = np.asarray(Image.open(png).convert("RGB")).astype(int)
+    pixels, not_white, colors = screenshot_pixels(png)
     assert pixels.shape == (4000, 1280, 3)
-    not_white = (pixels < 245).any(axis=2).mean()
-    colors = len(np.unique(pixels.reshape(-1, 3) // 8, axis=0))
-    print(f"screenshot: {not_white:.1%} non-white pixels, {colors} distinct colours")
     assert not_white > 0.05 and colors > 100, "the page rendered blank or without its figures"
     # matplotlib's first model colour (tab10 blue) is painted: the figures were decoded and drawn
     blue = (np.abs(pixels - [31, 119, 180]).sum(axis=2) < 30).sum()

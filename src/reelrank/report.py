@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> None:
         print(check_baseline(args.params).to_string(float_format="{:.4f}".format))
     elif args.command == "accept-baseline":
         baseline = accept_baseline(args.profile, args.params)
-        print(f"accepted baseline for profile '{args.profile}' (model {baseline['model']}): {baseline['metrics']}")
+        print(f"accepted baseline for profile '{args.profile}': test metrics of {', '.join(baseline['models'])}")
     else:
         print(f"wrote {screenshot(args.page, args.png, args.width, args.height)}")
 
