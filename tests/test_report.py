@@ -161,8 +161,9 @@ def test_gate_fails_on_a_regression_of_any_model_and_a_baseline_is_accepted_on_p
     headline = json.loads((smoke_project / "reports" / "headline" / "ials.json").read_text())
     assert accepted["models"]["ials"] == headline["test"]
     run(["python", "-m", "reelrank.report", "--params", str(params), "check-baseline"], smoke_project)
-    # iALS is not the selected model; a baseline 2% above its run stands for a run of it that got 2% worse
-    accepted["models"]["ials"]["ndcg@10"] = headline["test"]["ndcg@10"] * 1.02
+    # iALS is not the selected model; a baseline 0.003 above its run (about 9% of its smoke NDCG@10) stands for a
+    # run of it that got that much worse
+    accepted["models"]["ials"]["ndcg@10"] = headline["test"]["ndcg@10"] + 0.003
     (tmp_path / "baseline" / "smoke.json").write_text(json.dumps(accepted))
     proc = run(["python", "-m", "reelrank.report", "--params", str(params), "check-baseline"], smoke_project,
                check=False)
