@@ -13,7 +13,8 @@ export DVC_NO_ANALYTICS := true
 export MPLBACKEND := Agg
 
 .DEFAULT_GOAL := help
-.PHONY: help setup system-deps run serve tune test unit integration params accept-baseline lock sync-check lint docs clean
+.PHONY: help setup system-deps run serve image image-smoke bento-store tune test unit integration params accept-baseline lock \
+	sync-check lint docs clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -29,9 +30,10 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-system-deps: ## install the Debian packages the tests need when missing: chromium (report check), postgresql (sweeps)
+system-deps: ## install the Debian packages the tests need when missing: chromium (report), postgresql (sweeps), buildah etc. (image)
 	@missing=""; command -v chromium >/dev/null || missing="$$missing chromium"; \
 	ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	for tool in buildah podman runc debootstrap curl; do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
 	if [ -n "$$missing" ]; then $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; fi
 
@@ -39,11 +41,23 @@ run: setup ## compose conf/ for PROFILE (default: default) into params.yaml and 
 	python -m reelrank.core profile=$(PROFILE)
 	dvc repro
 
-serve: setup ## serve the packaged bento on 127.0.0.1:$PORT (default 3000); `make run` builds it
-	@test -f models/bento/bento.json || { echo "no bento yet: run make run (or dvc repro package)"; exit 1; }
-	@tag=$$(python -c 'import json; print(json.load(open("models/bento/bento.json"))["bento"])') && \
-	{ bentoml get "$$tag" > /dev/null 2>&1 || bentoml import "$(CURDIR)/models/bento/reelrank.tar"; } && \
-	exec bentoml serve "$$tag" --host 127.0.0.1 --port $(PORT)
+# the bento `make run` packaged into models/bento; bento-store imports it into $BENTOML_HOME when the store lacks it
+BENTO_TAG = $(shell python3 -c 'import json; print(json.load(open("models/bento/bento.json"))["bento"])' 2>/dev/null)
+
+bento-store: setup
+	@test -n "$(BENTO_TAG)" || { echo "no bento yet: run make run (or dvc repro package)"; exit 1; }
+	@bentoml get $(BENTO_TAG) > /dev/null 2>&1 || bentoml import "$(CURDIR)/models/bento/reelrank.tar"
+
+serve: bento-store ## serve the packaged bento on 127.0.0.1:$PORT (default 3000); `make run` builds it
+	exec bentoml serve $(BENTO_TAG) --host 127.0.0.1 --port $(PORT)
+
+# scripts/image.sh: base image (scripts/base-image.sh, cached in podman's store), CPU torch wheel, buildah build
+image: system-deps bento-store ## build an OCI image of the packaged bento with buildah, tagged like the bento
+	scripts/image.sh $(BENTO_TAG)
+
+image-smoke: ## run `make image`'s image on 127.0.0.1, probe /readyz, /recommend and /similar, stop it
+	@test -n "$(BENTO_TAG)" || { echo "no bento yet: run make run, then make image"; exit 1; }
+	scripts/image-smoke.sh $(BENTO_TAG)
 
 test: setup system-deps unit integration ## notebook unit tests (nbdev-test) then integration tests (pytest)
 
