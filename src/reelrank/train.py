@@ -18,11 +18,12 @@ from .core import (ConfigError, atomic_output, get_logger, load_params, read_jso
 from .metrics import RankingResult, evaluate_ranking
 from .models.base import FitContext, Recommender, build_model, load_model, save_model
 from .split import HoldOut, Interactions, SplitData
+from .stats import CONFIDENCE, confidence_intervals
 
 log = get_logger("reelrank.train")
 
 # %% auto #0
-__all__ = ['log', 'HEADLINE_METRICS', 'expand_grid', 'score_task', 'fit_model', 'is_rank_zero', 'fit_stage',
+__all__ = ['log', 'HEADLINE_METRICS', 'expand_grid', 'score_task', 'per_user_frame', 'fit_model', 'is_rank_zero', 'fit_stage',
            'recommendations_frame', 'metrics_at_k', 'headline', 'evaluate_stage', 'main']
 
 # %% ../../notebooks/05_train.ipynb #982c72e0
@@ -42,13 +43,19 @@ def score_task(model: Recommender, task: HoldOut, fitting: Interactions, eval_cf
                             fitting.item_counts(model.catalog.n_items), cutoffs=eval_cfg["cutoffs"],
                             k_save=eval_cfg["save_k"], batch_size=eval_cfg["batch_size"])
 
+def per_user_frame(result: RankingResult, task: HoldOut) -> pd.DataFrame:
+    "The per-user metric values of an evaluation, one row per user (raw user_id), one column per metric."
+    return pd.DataFrame(result.per_user).assign(user_id=task.histories.user_ids)[
+        ["user_id", *sorted(result.per_user)]]
+
 # %% ../../notebooks/05_train.ipynb #07fb61c0
 def fit_model(name: str, model_cfg: dict, trainer: dict, eval_cfg: dict, seed: int, split: SplitData,
               log_dir: Path | None = None, checkpoint_dir: Path | None = None) -> tuple[Recommender, dict]:
-    "Choose the best grid candidate on val, refit it on train + val; returns the refit model and a fit report."
+    """Choose the best grid candidate on val, refit it on train + val; returns the refit model and a fit report,
+    whose `val_per_user` (a DataFrame, not JSON) holds the chosen candidate's val metrics per user."""
     train, valid = split.fitting(["train"]), split.holdout("val")
     candidates = expand_grid(model_cfg.get("params") or {}, model_cfg.get("grid"))
-    tried = []
+    tried, per_user = [], []
     for number, params in enumerate(candidates):
         context = FitContext(trainer, seed,
                              log_dir=log_dir / f"candidate_{number}" if log_dir else None,
@@ -57,20 +64,23 @@ def fit_model(name: str, model_cfg: dict, trainer: dict, eval_cfg: dict, seed: i
         started = time.perf_counter()
         model = build_model(model_cfg["family"], split.catalog, params).fit(train, valid, context)
         fit_seconds = time.perf_counter() - started
-        val = score_task(model, valid, train, eval_cfg).metrics
+        scored = score_task(model, valid, train, eval_cfg)
+        val = scored.metrics
         log.info("%s candidate %d/%d %s: val ndcg@10 %.4f (%.1f s)", name, number + 1, len(candidates), params,
                  val["ndcg@10"], fit_seconds)
         tried.append({"params": params, "refit_params": model.refit_params(), "val": val,
                       "fit_seconds": fit_seconds})
+        per_user.append(per_user_frame(scored, valid))
         del model
-    best = max(tried, key=lambda c: c["val"]["ndcg@10"])
+    chosen = max(range(len(tried)), key=lambda number: tried[number]["val"]["ndcg@10"])
+    best = tried[chosen]
     seed_everything(seed)
     started = time.perf_counter()
     refit = build_model(model_cfg["family"], split.catalog, best["refit_params"]).fit(
         split.fitting(["train", "val"]), None, FitContext(trainer, seed))
     report = {"model": name, "family": model_cfg["family"], "params": best["refit_params"], "val": best["val"],
               "fit_seconds": best["fit_seconds"], "refit_seconds": time.perf_counter() - started,
-              "candidates": tried}
+              "candidates": tried, "val_per_user": per_user[chosen]}
     return refit, report
 
 def is_rank_zero() -> bool:
@@ -81,7 +91,8 @@ def is_rank_zero() -> bool:
 
 def fit_stage(name: str, params_path: str | Path = "params.yaml", split_dir: str | Path = "data/processed",
               models_dir: str | Path = "models", training_dir: str | Path = "reports/training") -> dict:
-    """The DVC fit@<name> stage: models/<name>/ (model files) and reports/training/<name>/ (fit.json, logs).
+    """The DVC fit@<name> stage: models/<name>/ (model files) and reports/training/<name>/ (fit.json, the chosen
+    candidate's per-user val metrics, logs).
     Under `trainer=ddp` Lightning re-runs this command once per extra process: those train in step with rank 0
     and write nothing, so the outputs are written once."""
     params = load_params([f"models.{name}", "trainer", "eval", "seed"], params_path)
@@ -98,6 +109,7 @@ def fit_stage(name: str, params_path: str | Path = "params.yaml", split_dir: str
     with atomic_output(Path(models_dir) / name) as model_dir:
         model, report = fit_model(*setup, log_dir=logs, checkpoint_dir=checkpoint_dir)
         save_model(model, model_dir)
+    write_parquet(report.pop("val_per_user"), logs / "val_per_user.parquet")
     write_json(logs / "fit.json", report)
     log.info("%s: wrote %s and %s", name, Path(models_dir) / name, Path(training_dir) / name)
     return report
@@ -128,18 +140,25 @@ def headline(metrics: dict) -> dict:
 def evaluate_stage(name: str, params_path: str | Path = "params.yaml", split_dir: str | Path = "data/processed",
                    models_dir: str | Path = "models", reports_dir: str | Path = "reports",
                    training_dir: str | Path = "reports/training") -> dict:
-    """The DVC evaluate@<name> stage: test metrics of the refit model (`metrics/`, all of them; `headline/`, the
-    few `dvc metrics` shows; `at_k/`, by cutoff for `dvc plots`) and its test users' top-k lists."""
+    """The DVC evaluate@<name> stage: test metrics of the refit model (`metrics/`, all of them with 95% intervals;
+    `headline/`, the few `dvc metrics` shows; `at_k/`, by cutoff for `dvc plots`), every user's val and test
+    metrics (`per_user/`) and the test users' top-k lists."""
     eval_cfg = load_params(["eval"], params_path)["eval"]
     split = SplitData.load(split_dir)
     model = load_model(Path(models_dir) / name)
     fit_report = read_json(Path(training_dir) / name / "fit.json")
     task = split.holdout("test")
     result = score_task(model, task, split.fitting(["train", "val"]), eval_cfg)
+    per_user = pd.concat([pd.read_parquet(Path(training_dir) / name / "val_per_user.parquet").assign(part="val"),
+                          per_user_frame(result, task).assign(part="test")], ignore_index=True)
+    intervals = {part: confidence_intervals(rows.drop(columns=["user_id", "part"]))
+                 for part, rows in per_user.groupby("part")}
     metrics = {"model": name, "family": fit_report["family"], "params": fit_report["params"],
-               "val": fit_report["val"], "test": result.metrics,
+               "val": fit_report["val"], "test": result.metrics, "interval": {"level": CONFIDENCE, **intervals},
                "fit_seconds": fit_report["fit_seconds"], "refit_seconds": fit_report["refit_seconds"]}
     reports_dir = Path(reports_dir)
+    with atomic_output(reports_dir / "per_user" / f"{name}.parquet") as tmp:
+        write_parquet(per_user[["part", *per_user.columns.drop("part")]], tmp)
     with atomic_output(reports_dir / "recommendations" / f"{name}.parquet") as tmp:
         write_parquet(recommendations_frame(result, task, model), tmp)
     with atomic_output(reports_dir / "at_k" / f"{name}.csv") as tmp:
