@@ -47,7 +47,11 @@ def test_every_stage_wrote_its_outputs(smoke_project):
         assert recs.groupby("user_id")["rank"].max().max() == 100
     card = json.loads((smoke_project / "models" / "selected" / "card.json").read_text())
     best = max(MODELS, key=lambda n: card["leaderboard"][n]["val"]["ndcg@10"])
-    assert card["model"] == best
+    assert card["selection"]["best_on_val"] == best and card["model"] == card["selection"]["chosen"]
+    assert card["model"] in card["selection"]["candidates"]
+    assert set(card["against_best_baseline"]["models"]) == set(MODELS) - {card["against_best_baseline"]["baseline"]}
+    low, high = card["leaderboard"][card["model"]]["interval"]["test"]["ndcg@10"]
+    assert low <= card["test"]["ndcg@10"] <= high
     assert len(card["provenance"]["git_commit"]) == 40 and card["provenance"]["data_md5"] != "unknown"
     assert (smoke_project / "models" / "selected" / "card.md").read_text().startswith("# Model card")
 

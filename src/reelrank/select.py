@@ -10,26 +10,42 @@ import subprocess
 import time
 from pathlib import Path
 
+import pandas as pd
 import yaml
 
 from .core import (ReelrankError, atomic_output, get_logger, load_params, md5_file, read_json,
                            run_cli, seed_everything, write_json, write_parquet)
 from .models.base import FitContext, build_model, save_model
 from .split import PARTS, SplitData
+from .stats import paired_comparison
 
 log = get_logger("reelrank.select")
 
 # %% auto #0
-__all__ = ['log', 'PROTOCOL', 'choose_model', 'git_commit', 'data_md5', 'params_hash', 'model_card_markdown', 'select_stage',
-           'main']
+__all__ = ['log', 'SELECTION_RULE', 'PROTOCOL', 'choose_model', 'git_commit', 'data_md5', 'params_hash', 'comparison_rows',
+           'model_card_markdown', 'per_user_metric', 'against_best_baseline', 'select_stage', 'main']
 
 # %% ../../notebooks/07_select.ipynb #4d4f3a21
-def choose_model(leaderboard: dict[str, dict], metric: str) -> str:
-    "Name of the model with the best validation `metric`."
+SELECTION_RULE = ("start from the best model on the validation metric; every model whose validation metric is not "
+                  "significantly below the best's (paired permutation test over users, two-sided, at level alpha) "
+                  "is a candidate; serve the candidate with the smallest fit + refit seconds")
+
+def choose_model(leaderboard: dict[str, dict], per_user_val: dict[str, pd.Series], metric: str,
+                 alpha: float) -> dict:
+    """Apply `SELECTION_RULE`: `leaderboard` holds each model's metrics file, `per_user_val` each model's
+    per-user validation `metric` (indexed by user). Returns the choice with every comparison behind it."""
     missing = [name for name, row in leaderboard.items() if metric not in row.get("val", {})]
     if missing:
         raise ReelrankError(f"models {missing} have no validation '{metric}'")
-    return max(leaderboard, key=lambda name: leaderboard[name]["val"][metric])
+    best = max(leaderboard, key=lambda name: leaderboard[name]["val"][metric])
+    comparisons = {name: paired_comparison(per_user_val[best], per_user_val[name], metric).as_dict()
+                   for name in leaderboard if name != best}
+    tied = [best] + [name for name, c in comparisons.items() if not (c["p_value"] < alpha and c["difference"] > 0)]
+    cost = {name: leaderboard[name]["fit_seconds"] + leaderboard[name]["refit_seconds"] for name in leaderboard}
+    chosen = min(tied, key=lambda name: (cost[name], -leaderboard[name]["val"][metric]))
+    return {"rule": SELECTION_RULE, "metric": metric, "alpha": alpha, "best_on_val": best, "chosen": chosen,
+            "candidates": sorted(tied, key=cost.get), "cost_seconds": cost,
+            "best_against": comparisons}
 
 # %% ../../notebooks/07_select.ipynb #66b4d644
 def git_commit(root: Path = Path(".")) -> str:
@@ -55,6 +71,11 @@ PROTOCOL = ("implicit feedback; per-user temporal split (last 10% test, 10% befo
             "interactions train-only); full-catalog ranking excluding seen items; metrics averaged over users "
             "(torchmetrics definitions)")
 
+def comparison_rows(comparisons: dict[str, dict]) -> str:
+    "Markdown table rows of paired comparisons: name, difference, interval, p-value."
+    return "\n".join(f"| {name} | {c['difference']:+.4f} | [{c['interval'][0]:+.4f}, {c['interval'][1]:+.4f}] | "
+                     f"{c['p_value']:.3f} |" for name, c in comparisons.items())
+
 def model_card_markdown(card: dict) -> str:
     "The card as Markdown."
     metric_names = ["ndcg@10", "recall@20", "hit_rate@10", "mrr@10", "coverage@10", "popularity@10"]
@@ -62,7 +83,7 @@ def model_card_markdown(card: dict) -> str:
                      + f" | {row['fit_seconds']:.1f} |" for name, row in card["leaderboard"].items())
     return f"""# Model card: {card['model']} ({card['family']})
 
-Selected on validation {card['metric']} among {len(card['leaderboard'])} models; served model refit on
+Selected on validation {card['metric']} among {len(card['leaderboard'])} models (rule below); served model refit on
 {card['fitted_on']} ({card['data']['interactions']} interactions, {card['data']['users']} users,
 {card['data']['items']} items).
 
@@ -73,6 +94,20 @@ Selected on validation {card['metric']} among {len(card['leaderboard'])} models;
 | model | {' | '.join(metric_names)} | fit s |
 |---|{'---|' * len(metric_names)}---|
 {rows}
+
+## Selection
+{card['selection']['rule']} (alpha = {card['selection']['alpha']}). Best on validation:
+{card['selection']['best_on_val']}; not significantly worse than it: {', '.join(card['selection']['candidates'])};
+served: {card['model']}.
+
+| best on val vs | difference | 95% interval | p-value |
+|---|---|---|---|
+{comparison_rows(card['selection']['best_against'])}
+
+## Against the best baseline on test ({card['against_best_baseline']['baseline']})
+| model vs {card['against_best_baseline']['baseline']} | difference | 95% interval | p-value |
+|---|---|---|---|
+{comparison_rows(card['against_best_baseline']['models'])}
 
 ## Configuration
 ```yaml
@@ -86,14 +121,35 @@ Selected on validation {card['metric']} among {len(card['leaderboard'])} models;
 """
 
 # %% ../../notebooks/07_select.ipynb #d4e5c109
+def per_user_metric(per_user_dir: str | Path, models: list[str], part: str, metric: str) -> dict[str, pd.Series]:
+    "Each model's per-user `metric` on `part` (val or test), indexed by user, from the evaluate stage's files."
+    frames = {name: pd.read_parquet(Path(per_user_dir) / f"{name}.parquet") for name in models}
+    return {name: rows[rows.part == part].set_index("user_id")[metric] for name, rows in frames.items()}
+
+def against_best_baseline(leaderboard: dict[str, dict], per_user_test: dict[str, pd.Series], metric: str,
+                          baselines: list[str]) -> dict:
+    "The best baseline on val, and every other model against it on test (paired over the same users)."
+    known = [name for name in baselines if name in leaderboard]
+    if not known:
+        raise ReelrankError(f"select.baselines {baselines} names none of the models {sorted(leaderboard)}")
+    best = max(known, key=lambda name: leaderboard[name]["val"][metric])
+    return {"baseline": best, "metric": metric, "part": "test",
+            "models": {name: paired_comparison(per_user_test[name], per_user_test[best], metric).as_dict()
+                       for name in leaderboard if name != best}}
+
 def select_stage(params_path: str | Path = "params.yaml", metrics_dir: str | Path = "reports/metrics",
                  split_dir: str | Path = "data/processed", models_dir: str | Path = "models",
-                 out_dir: str | Path = "models/selected") -> dict:
-    "Pick the best model on val, refit it (on all data when `select.refit_all`), write the model and its card."
+                 out_dir: str | Path = "models/selected", per_user_dir: str | Path = "reports/per_user") -> dict:
+    """Choose the model to serve by `choose_model`, refit it (on all data when `select.refit_all`), write the model
+    and its card (with the selection's comparisons and every model against the best baseline on test)."""
     params = load_params(["select", "models", "trainer", "seed"], params_path)
-    cfg = params["select"]
-    leaderboard = {name: read_json(Path(metrics_dir) / f"{name}.json") for name in params["models"]}
-    name = choose_model(leaderboard, cfg["metric"])
+    cfg, models = params["select"], list(params["models"])
+    leaderboard = {name: read_json(Path(metrics_dir) / f"{name}.json") for name in models}
+    selection = choose_model(leaderboard, per_user_metric(per_user_dir, models, "val", cfg["metric"]),
+                             cfg["metric"], cfg["alpha"])
+    comparison = against_best_baseline(leaderboard, per_user_metric(per_user_dir, models, "test", cfg["metric"]),
+                                       cfg["metric"], cfg["baselines"])
+    name = selection["chosen"]
     chosen = leaderboard[name]
     split = SplitData.load(split_dir)
     parts = list(PARTS) if cfg["refit_all"] else ["train", "val"]
@@ -107,14 +163,17 @@ def select_stage(params_path: str | Path = "params.yaml", metrics_dir: str | Pat
             "refit_seconds": time.perf_counter() - started,
             "data": {"interactions": len(fitting_frame), "users": int(fitting_frame.user_id.nunique()),
                      "items": split.catalog.n_items},
-            "leaderboard": {n: {k: row[k] for k in ("val", "test", "fit_seconds")} for n, row in leaderboard.items()},
+            "selection": selection, "against_best_baseline": comparison,
+            "leaderboard": {n: {k: row[k] for k in ("val", "test", "interval", "fit_seconds")}
+                            for n, row in leaderboard.items()},
             "provenance": {"git_commit": git_commit(), "data_md5": data_md5(split_dir), "params_hash": params_hash(params)}}
     with atomic_output(out_dir) as tmp:
         save_model(model, tmp)
         write_parquet(fitting_frame[["user_id", "item_id", "timestamp"]], tmp / "interactions.parquet")
         write_json(tmp / "card.json", card)
         (tmp / "card.md").write_text(model_card_markdown(card))
-    log.info("selected %s (val %s %.4f)", name, cfg["metric"], chosen["val"][cfg["metric"]])
+    log.info("selected %s (val %s %.4f; best on val: %s)", name, cfg["metric"], chosen["val"][cfg["metric"]],
+             selection["best_on_val"])
     return card
 
 def main(argv: list[str] | None = None) -> None:
