@@ -33,7 +33,9 @@ def test_served_top_k_equals_the_evaluated_top_k(smoke_project, tmp_path):
     # the selected model, and SASRec: the sequence model, whose answer depends on the order of a history
     for name in sorted({selected, "sasrec"}):
         work = tmp_path / name
-        env = {**project_env(), "BENTOML_HOME": str(work / "bentoml")}
+        # served open (the explicit switch): this test checks rankings, tests/test_service.py checks authentication
+        env = {**project_env(), "BENTOML_HOME": str(work / "bentoml"), "REELRANK_AUTH": "off"}
+        env.pop("REELRANK_API_TOKEN", None)
         serve = {**yaml.safe_load((ROOT / "conf" / "serve" / "default.yaml").read_text()), "workers": 1}
         summary = package(evaluated_model_as_served(smoke_project, name, work), serve, work, env)
         offline = pd.read_parquet(smoke_project / "reports" / "recommendations" / f"{name}.parquet")

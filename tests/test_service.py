@@ -2,11 +2,19 @@
 `python -m reelrank.package` into a temporary BENTOML_HOME; the bento is served with `bentoml serve` on a free
 loopback port (bearer-token auth and request logging switched on through their environment variables) and stopped
 by killing its process group. Good and bad requests check the contract in the default `inline` scoring mode; a
-second bento with `scoring: batched` (a Scorer service with adaptive batching) must answer the same. Parity with
-the offline evaluation is tests/test_parity.py."""
+second bento with `scoring: batched` (a Scorer service with adaptive batching), served with authentication
+explicitly off, must answer the same. Attacks and overload are bounded: made-up paths leave /metrics small, slow
+connections are closed, a flood is shed with 503s, client errors log one line, and schemathesis fuzzes the served
+OpenAPI document of both servers. Parity with the offline evaluation is tests/test_parity.py."""
 import json
+import os
+import pickle
+import socket
+import stat
 import subprocess
 import sys
+import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -15,7 +23,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from bento_server import package, serving
+from bento_server import BIN, free_port, package, serving
 from conftest import ROOT, VENV_BIN, project_env
 
 from reelrank.core import write_json, write_parquet
@@ -26,6 +34,9 @@ from reelrank.split import Catalog, Interactions
 TOKEN = "test-token-1234"
 MAX_BODY = 65536  # small enough to test 413 cheaply, large enough for a full batch of small requests
 UNKNOWN_USER, UNKNOWN_MOVIE = 999_999, 7
+# short clocks so that slow connections are tested in seconds; the budget still exceeds a full batch of this model
+TIMEOUTS = {"header_timeout_s": 2, "body_timeout_s": 2, "budget_s": 1.5, "timeout_s": 5}
+JSON = {"Content-Type": "application/json"}
 
 
 def save_small_model(directory: Path) -> pd.DataFrame:
@@ -50,7 +61,7 @@ def save_small_model(directory: Path) -> pd.DataFrame:
 
 def serve_config(**changes) -> dict:
     return {**yaml.safe_load((ROOT / "conf" / "serve" / "default.yaml").read_text()), "max_body_bytes": MAX_BODY,
-            **changes}
+            **TIMEOUTS, **changes}
 
 
 @pytest.fixture(scope="module")
@@ -66,20 +77,27 @@ def packaged(tmp_path_factory):
 def server(packaged):
     "`bentoml serve <bento>` (default settings: inline scoring) with auth and request logging on; yields the URL."
     work, env, summary = packaged
-    env = {**env, "REELRANK_API_TOKEN": TOKEN, "REELRANK_REQUEST_LOG_DIR": str(work / "requests")}
+    env = {**{name: value for name, value in env.items() if name != "REELRANK_AUTH"}, "REELRANK_API_TOKEN": TOKEN,
+           "REELRANK_REQUEST_LOG_DIR": str(work / "requests")}
     with serving(summary["bento"], work, env) as (url, _):
         yield url
 
 
 @pytest.fixture(scope="module")
-def batched_server(tmp_path_factory):
-    "The same model packaged with `scoring: batched` (a Scorer service behind the API), served; yields the URL."
+def batched(tmp_path_factory):
+    "The same model packaged with `scoring: batched` (a Scorer behind the API), served open; yields (URL, process)."
     work = tmp_path_factory.mktemp("service-batched")
     save_small_model(work / "selected")
-    env = {**project_env(), "BENTOML_HOME": str(work / "bentoml"), "REELRANK_API_TOKEN": TOKEN}
+    env = {**project_env(), "BENTOML_HOME": str(work / "bentoml"), "REELRANK_AUTH": "off"}
+    env.pop("REELRANK_API_TOKEN", None)
     summary = package(work / "selected", serve_config(scoring="batched"), work, env)
-    with serving(summary["bento"], work, env) as (url, _):
-        yield url
+    with serving(summary["bento"], work, env) as served:
+        yield served
+
+
+@pytest.fixture(scope="module")
+def batched_server(batched):
+    return batched[0]
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +194,7 @@ def test_similar(client):
     body = client.post("/similar", json={"movie_id": 10, "k": 4}).json()
     assert body["movie_id"] == 10 and len(body["items"]) == 4 and 10 not in [i["movie_id"] for i in body["items"]]
     missing = client.post("/similar", json={"movie_id": UNKNOWN_MOVIE})
-    assert missing.status_code == 404 and f"movie {UNKNOWN_MOVIE} is not in the catalog" in missing.text
+    assert missing.status_code == 404 and missing.json() == {"error": f"movie {UNKNOWN_MOVIE} is not in the catalog"}
 
 
 def test_recommend_batch_answers_in_order(client):
@@ -188,8 +206,9 @@ def test_recommend_batch_answers_in_order(client):
 
 
 MISTAKES = [  # (path, request keyword arguments, status, a fragment of the message)
-    ("/recommend", {"content": b'{"user_id": 1,'}, 400, "Invalid JSON"),
-    ("/recommend", {"content": b""}, 400, "give a user_id, a history"),
+    ("/recommend", {"content": b'{"user_id": 1,', "headers": JSON}, 400, "Invalid JSON"),
+    ("/recommend", {"content": b"", "headers": JSON}, 400, "give a user_id, a history"),
+    ("/recommend", {"content": b"{}", "headers": JSON}, 400, "give a user_id, a history"),
     ("/recommend", {"json": {"user_id": "one"}}, 400, "user_id"),
     ("/recommend", {"json": {"user_id": 1, "k": 0}}, 400, "greater than or equal to 1"),
     ("/recommend", {"json": {"user_id": 1, "k": 101}}, 400, "less than or equal to 100"),
@@ -200,8 +219,12 @@ MISTAKES = [  # (path, request keyword arguments, status, a fragment of the mess
     ("/recommend", {"json": {"usr_id": 1}}, 400, "Extra inputs are not permitted"),
     ("/recommend", {"json": [1, 2]}, 400, "validation error"),
     ("/recommend", {"data": {"user_id": "1"}}, 415, "application/json"),
-    ("/recommend", {"content": b'{"history": [' + b"1," * 40000 + b"1]}"}, 413, f"{MAX_BODY} bytes"),
-    ("/recommend", {"content": iter([b'{"history": [', b"1," * 40000, b"1]}"])}, 413, f"{MAX_BODY} bytes"),
+    ("/recommend", {"content": b'{"user_id": 1}'}, 415, "it declares none"),
+    ("/recommend", {"content": pickle.dumps({"user_id": 1}), "headers": {"Content-Type": "application/vnd.bentoml+pickle"}},
+     415, "not application/vnd.bentoml+pickle"),
+    ("/recommend", {"content": b'{"history": [' + b"1," * 40000 + b"1]}", "headers": JSON}, 413, f"{MAX_BODY} bytes"),
+    ("/recommend", {"content": iter([b'{"history": [', b"1," * 40000, b"1]}"]), "headers": JSON}, 413,
+     f"{MAX_BODY} bytes"),
     ("/similar", {"json": {"movie_id": -1}}, 400, "greater than or equal to 0"),
     ("/similar", {"json": {}}, 400, "movie_id"),
     ("/recommend_batch", {"json": {"requests": []}}, 400, "at least 1"),
@@ -214,11 +237,14 @@ MISTAKES = [  # (path, request keyword arguments, status, a fragment of the mess
 def test_client_mistakes_are_4xx_with_a_message(client, path, kwargs, status, fragment):
     response = client.post(path, **kwargs)
     assert response.status_code == status, response.text
-    assert fragment in response.text
+    body = response.json()
+    assert set(body) <= {"error", "detail"} and isinstance(body["error"], str) and fragment in response.text
+    assert isinstance(body.get("detail", []), list)
 
 
 def test_wrong_method_and_missing_token(server, client):
-    assert client.get("/recommend").status_code == 405
+    wrong_method = client.get("/recommend")
+    assert wrong_method.status_code == 405 and wrong_method.headers["allow"] == "POST" and wrong_method.json()["error"]
     no_token = httpx.post(f"{server}/recommend", json={"user_id": 1})
     assert no_token.status_code == 401 and "bearer token" in no_token.json()["error"]
     assert no_token.headers["www-authenticate"] == "Bearer"
@@ -227,9 +253,10 @@ def test_wrong_method_and_missing_token(server, client):
 
 
 def server_errors(url: str) -> list[str]:
-    "The service's metric lines that count a 5xx answer."
+    "The service's metric lines that count a 5xx answer other than 503 (a request shed under load, not a failure)."
     return [line for line in httpx.get(f"{url}/metrics").text.splitlines()
-            if line.startswith("bentoml_") and 'http_response_code="5' in line and not line.endswith(" 0.0")]
+            if line.startswith("bentoml_") and 'http_response_code="5' in line
+            and 'http_response_code="503"' not in line and not line.endswith(" 0.0")]
 
 
 def metric_total(url: str, name: str) -> float:
@@ -266,20 +293,198 @@ def test_batched_scoring_forms_batches_and_answers_like_inline(server, batched_s
     with httpx.Client(base_url=batched_server, headers={"Authorization": f"Bearer {TOKEN}"}) as client:
         assert client.post("/similar", json={"movie_id": UNKNOWN_MOVIE}).status_code == 404
         assert client.post("/recommend_batch", json={"requests": [{"user_id": 1}]}).json()[0]["items"] == batched[1]
-        assert client.post("/recommend", json={"user_id": 1}, headers={"Authorization": "Bearer x"}).status_code == 401
     assert not server_errors(batched_server)
 
 
-def test_requests_are_logged(packaged, client):
+def test_requests_are_logged_for_monitoring_only(packaged, client):
+    "The request log holds the monitoring fields, no user id or history, in files only the service user can read."
     work, _, _ = packaged
-    client.post("/recommend", json={"user_id": 3, "k": 2})
+    client.post("/recommend", json={"user_id": 3, "history": [10, 20, 30], "k": 2})
     client.post("/similar", json={"movie_id": 10, "k": 3})
-    records = [json.loads(line) for path in (work / "requests" / "reelrank_requests" / "data").glob("*.log")
-               for line in path.read_text().splitlines()]
-    asked = {"user_id": 3, "history": None, "k": 2, "exclude_seen": True}
-    logged = [r for r in records if r["endpoint"] == "recommend" and json.loads(r["request"]) == asked]
-    assert logged and len(logged[-1]["movie_ids"]) == 2 and "timestamp" in logged[-1]
+    files = sorted((work / "requests").glob("requests.w*.jsonl"))
+    assert files and all(stat.S_IMODE(path.stat().st_mode) == 0o600 for path in files)
+    assert stat.S_IMODE((work / "requests").stat().st_mode) == 0o700
+    records = [json.loads(line) for path in files for line in path.read_text().splitlines()]
+    assert {tuple(sorted(r)) for r in records} == {
+        ("batch", "endpoint", "fallback", "history", "k", "latency_ms", "movie_ids", "time", "user")}
+    asked = [r for r in records if r["endpoint"] == "recommend" and r["k"] == 2 and r["history"] == 3]
+    assert asked and asked[-1]["user"] is True and len(asked[-1]["movie_ids"]) == 2 and asked[-1]["latency_ms"] > 0
     assert {r["endpoint"] for r in records} == {"recommend", "recommend_batch", "similar"}
+
+
+def test_made_up_paths_leave_metrics_small_and_fast(server):
+    "2,000 requests to made-up paths, with and without a token, make no metric series: /metrics stays small and fast."
+    before = httpx.get(f"{server}/metrics").text
+    paths = [f"/{uuid.uuid4().hex}" for _ in range(1000)]
+    with httpx.Client(base_url=server, timeout=30) as anyone, httpx.Client(
+            base_url=server, timeout=30, headers={"Authorization": f"Bearer {TOKEN}"}) as holder:
+        for path in paths:
+            assert anyone.get(path).status_code == 404
+            assert holder.post(path, json={}).status_code == 404
+    timings, scrape = [], None
+    for _ in range(5):
+        started = time.perf_counter()
+        scrape = httpx.get(f"{server}/metrics")
+        timings.append(time.perf_counter() - started)
+    timings.sort()
+    print(f"/metrics: {len(before)} bytes before, {len(scrape.content)} after 2,000 made-up paths; scrape "
+          f"{timings[0] * 1000:.1f} ms best, {timings[2] * 1000:.1f} ms median of 5 (load {os.getloadavg()[0]:.1f})")
+    # the best of five is the service's own time; the median also carries the machine's load, shared with others
+    assert len(scrape.content) < 100_000 and timings[0] < 0.05 and timings[2] < 0.2
+    assert not any(path[1:] in scrape.text for path in paths)
+    assert len(scrape.text.splitlines()) <= len(before.splitlines()) + 10
+
+
+def test_slow_connections_are_closed(server):
+    "A request head trickled a byte at a time, or never sent, is cut after header_timeout_s; a stalled body gets 408."
+    port = int(server.rsplit(":", 1)[1])
+    silent = [socket.create_connection(("127.0.0.1", port)) for _ in range(5)]
+    trickling = [socket.create_connection(("127.0.0.1", port)) for _ in range(5)]
+    stalled = socket.create_connection(("127.0.0.1", port))
+    stalled.sendall(f"POST /recommend HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\n"
+                    "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"user_id\"".encode())
+    started = time.monotonic()
+    for sock in trickling:
+        sock.sendall(b"POST /recommend HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+    while time.monotonic() - started < TIMEOUTS["header_timeout_s"] + 1:
+        for sock in trickling:
+            try:
+                sock.sendall(b"X")
+            except OSError:
+                pass
+        time.sleep(0.25)
+    for sock in silent + trickling:
+        sock.settimeout(5)
+        try:
+            assert sock.recv(1024) == b"", "a connection without a complete request head got an answer"
+        except ConnectionResetError:
+            pass
+        sock.close()
+    closed_after = time.monotonic() - started
+    stalled.settimeout(5)
+    answer = stalled.recv(4096)
+    stalled.close()
+    status_line = answer.split(b"\r\n", 1)[0].decode()
+    print(f"10 slow-head connections closed {closed_after:.1f} s after they opened; the stalled body got {status_line}")
+    assert closed_after < TIMEOUTS["header_timeout_s"] + 3
+    assert answer.startswith(b"HTTP/1.1 408") and b"did not arrive within" in answer
+
+
+@pytest.mark.parametrize("token", ["", None], ids=["empty", "unset"])
+def test_authentication_fails_closed(packaged, token):
+    "With the token variable empty or unset, and no REELRANK_AUTH=off, `bentoml serve` refuses to start and says why."
+    work, env, summary = packaged
+    env = {name: value for name, value in env.items() if name not in ("REELRANK_API_TOKEN", "REELRANK_AUTH")}
+    if token is not None:
+        env["REELRANK_API_TOKEN"] = token
+    proc = subprocess.run([str(BIN / "bentoml"), "serve", summary["bento"], "--host", "127.0.0.1", "--port",
+                           str(free_port())], cwd=work, env=env, capture_output=True, text=True, timeout=180,
+                          check=False)
+    assert proc.returncode != 0
+    assert f"REELRANK_API_TOKEN is {'empty' if token == '' else 'not set'}" in proc.stdout + proc.stderr
+    assert "REELRANK_AUTH=off" in proc.stdout + proc.stderr
+
+
+def test_client_errors_log_one_line_without_the_input(packaged, client):
+    "Runs after the mistakes above: no traceback in the server log, and a rejected input is never written there."
+    work, _, _ = packaged
+    secret = 987_654_321_987
+    assert client.post("/recommend", json={"user_id": 1, "history": [secret, "x"]}).status_code == 400
+    time.sleep(0.5)
+    log = (work / "serve.log").read_text()
+    assert "Traceback" not in log and str(secret) not in log
+    assert "rejected /recommend [POST]: 400, 1 validation error(s): history.1: int_type" in log
+
+
+def scorer_socket(proc: subprocess.Popen) -> str:
+    "The Scorer's private socket, from the runner map BentoML gives the API workers among `proc`'s descendants."
+    parents = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+        except (OSError, ValueError):
+            continue
+        parents[int(pid)] = int(status["PPid"])
+    family, grew = {proc.pid}, True
+    while grew:
+        children = {pid for pid, parent in parents.items() if parent in family} - family
+        family, grew = family | children, bool(children)
+    for pid in family:
+        try:
+            environ = dict(item.split("=", 1) for item in
+                           Path(f"/proc/{pid}/environ").read_bytes().decode().split("\0") if "=" in item)
+        except OSError:
+            continue
+        if "BENTOML_RUNNER_MAP" in environ:
+            return json.loads(environ["BENTOML_RUNNER_MAP"])["reelrank_scorer"].removeprefix("file://")
+    raise AssertionError("no worker with a runner map")
+
+
+def test_the_scorer_takes_json_only(batched):
+    "A pickle body sent to the Scorer's socket is refused with 415 (BentoML would unpickle it); JSON is answered."
+    _, proc = batched
+    with httpx.Client(transport=httpx.HTTPTransport(uds=scorer_socket(proc)), base_url="http://scorer") as scorer:
+        refused = scorer.post("/similar", content=pickle.dumps({"movie_id": 10, "k": 2}),
+                              headers={"Content-Type": "application/vnd.bentoml+pickle"})
+        assert refused.status_code == 415 and "JSON" in refused.json()["error"]
+        assert scorer.post("/similar", content=b'{"movie_id": 10, "k": 2}').status_code == 415
+        assert len(scorer.post("/similar", json={"movie_id": 10, "k": 2}).json()["item_ids"]) == 2
+
+
+def test_a_flood_of_full_batches_is_shed_not_timed_out(server):
+    "16 clients sending full batches for 6 s get 200s and 503s with Retry-After only, the 503s at once; no 504."
+    batch = json.dumps({"requests": [{"user_id": n % 60 + 1, "k": 10} for n in range(1000)]}).encode()
+    end = time.monotonic() + 6
+
+    def flood(_) -> list[tuple[int, float, str | None]]:
+        answers = []
+        with httpx.Client(base_url=server, timeout=30, headers={"Authorization": f"Bearer {TOKEN}", **JSON}) as http:
+            while time.monotonic() < end:
+                started = time.perf_counter()
+                response = http.post("/recommend_batch", content=batch)
+                answers.append((response.status_code, time.perf_counter() - started,
+                                response.headers.get("retry-after")))
+                if response.status_code == 503:
+                    time.sleep(0.05)  # sooner than Retry-After asks: keeps the pressure on
+        return answers
+
+    with ThreadPoolExecutor(16) as pool:
+        answers = [answer for client_answers in pool.map(flood, range(16)) for answer in client_answers]
+    statuses = sorted({status for status, _, _ in answers})
+    shed = sorted(seconds for status, seconds, _ in answers if status == 503)
+    served = sorted(seconds for status, seconds, _ in answers if status == 200)
+    print(f"flood: {len(served)} answered (p50 {served[len(served) // 2] * 1000:.0f} ms), {len(shed)} shed "
+          f"(p50 {shed[len(shed) // 2] * 1000:.0f} ms, max {shed[-1] * 1000:.0f} ms)")
+    assert statuses == [200, 503]
+    assert all(retry_after == "1" for status, _, retry_after in answers if status == 503)
+    assert shed[len(shed) // 2] < 0.1
+    assert not server_errors(server)
+
+
+# schemathesis's list of statuses that reject invalid data, plus 413: a body over serve.max_body_bytes is refused
+# before it is parsed (its fuzzed over-long batches are)
+SCHEMATHESIS_CONFIG = """
+[checks.negative_data_rejection]
+expected-statuses = ["400", "401", "403", "404", "405", "406", "409", "413", "415", "422", "428", "429", "5xx"]
+"""
+
+
+@pytest.mark.parametrize("mode", ["token", "open"])
+def test_schemathesis_finds_no_server_error_or_schema_mismatch(mode, server, batched_server, tmp_path):
+    "Schemathesis fuzzes the served OpenAPI document (every check, fixed seed, bounded examples): no failure, no 5xx."
+    url, auth = (server, ["-H", f"Authorization: Bearer {TOKEN}"]) if mode == "token" else (batched_server, [])
+    (tmp_path / "schemathesis.toml").write_text(SCHEMATHESIS_CONFIG)
+    report = tmp_path / "schemathesis.json"
+    proc = subprocess.run([str(BIN / "st"), "--config-file", str(tmp_path / "schemathesis.toml"), "run",
+                           f"{url}/docs.json", "--checks", "all", "--seed", "20260101", "--max-examples", "30",
+                           "--workers", "1", "--no-shrink", "--report", "json", "--report-json-path", str(report),
+                           *auth], cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout[proc.stdout.find("FAILURES"):][:6000] + proc.stderr[-2000:]
+    run = json.loads(report.read_text())
+    print(f"schemathesis ({mode}): {run['test_cases']['generated']} test cases on {run['operations']['tested']} "
+          f"operations, {len(run['failures'])} failures, {len(run['errors'])} errors")
+    assert run["operations"]["tested"] == 7 and run["test_cases"]["generated"] > 200
+    assert not run["failures"] and not run["errors"] and not server_errors(url)
 
 
 def test_no_request_ended_in_a_server_error(server, client):
