@@ -11,7 +11,8 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 url=http://127.0.0.1:$port
 # conf/serve's auth_token_env; `-e NAME` passes its value from this environment, off the command line
-export REELRANK_API_TOKEN=$(python3 -c 'import secrets; print(secrets.token_urlsafe(24))')
+REELRANK_API_TOKEN=$(python3 -c 'import secrets; print(secrets.token_urlsafe(24))')
+export REELRANK_API_TOKEN
 
 container=$("$root/scripts/run-image.sh" --detach -e BENTOML_HOST=127.0.0.1 -e BENTOML_PORT="$port" \
     -e REELRANK_API_TOKEN "$image")

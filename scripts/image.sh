@@ -13,7 +13,8 @@ bento=${1:?usage: scripts/image.sh BENTO_TAG [IMAGE_TAG]}
 image=${2:-$bento}
 root=$(cd "$(dirname "$0")/.." && pwd)
 wheels=${WHEELS:-$root/build/wheels}
-# no user namespaces or cgroup delegation here: chroot isolation runs the Dockerfile's RUN steps all the same
+# chroot isolation: the Dockerfile's RUN steps need no OCI runtime, cgroups or network namespace of their own and
+# use the host's network to reach PyPI and Debian's archive, the least a build machine must allow
 export BUILDAH_ISOLATION=chroot BENTOML_DO_NOT_TRACK=true
 
 bento_dir=$(bentoml get "$bento" -o path)
