@@ -18,6 +18,7 @@ import hmac
 import json
 import logging
 import os
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -570,6 +571,15 @@ def _timed(function, *args):
     started = time.perf_counter()
     return function(*args), time.perf_counter() - started
 
+def _settle(futures: list[asyncio.Future], outcome: list) -> None:
+    "On the event loop: each waiting call's (answers, seconds) or exception, unless it was given up."
+    for future, result in zip(futures, outcome):
+        if not future.done():
+            if isinstance(result, Exception):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
 async def _timed_call(call):
     started = time.perf_counter()
     return await call, time.perf_counter() - started
@@ -602,6 +612,8 @@ class Recommender:
         # is shed with 503), and a /recommend_batch call carries its remaining budget there
         self.queue = WorkQueue(SETTINGS.budget_s) if self.engine is not None else None
         self.release_scheduled = False
+        self.waiting: list[tuple[RecommendRequest, asyncio.Future]] = []  # /recommend calls for the next batch
+        self.waiting_lock = threading.Lock()
         self.engine_thread = ThreadPoolExecutor(1, thread_name_prefix="reelrank-engine")
         if self.engine is None:
             # BentoML calls a dependency with pickle bodies, which the Scorer refuses; set before the first call,
@@ -642,6 +654,31 @@ class Recommender:
         return lambda deadline: asyncio.get_running_loop().run_in_executor(self.engine_thread, _timed, function,
                                                                            *args, deadline)
 
+    def _together(self, request: RecommendRequest):
+        "The work of answering `request` in one batch with the other /recommend calls waiting when the thread is free."
+        async def work(_):
+            future = asyncio.get_running_loop().create_future()
+            with self.waiting_lock:
+                self.waiting.append((request, future))
+                first = len(self.waiting) == 1
+            if first:  # one ranking job is queued for all the calls that wait; it takes them when it runs
+                self.engine_thread.submit(self._rank_waiting, asyncio.get_running_loop())
+            return await future
+        return work
+
+    def _rank_waiting(self, loop: asyncio.AbstractEventLoop) -> None:
+        "On the scoring thread: ranks the waiting /recommend calls as one batch (a call given up meanwhile is skipped)."
+        with self.waiting_lock:
+            taken, self.waiting = self.waiting, []
+        live = [(request, future) for request, future in taken if not future.done()]
+        started = time.perf_counter()
+        try:
+            ranked = rank_requests(self.engine, [request for request, _ in live], SETTINGS.batching.max_batch_size)
+            outcome = [([_answer(r, self.model_info)], (time.perf_counter() - started) / len(live)) for r in ranked]
+        except Exception as error:  # noqa: BLE001 - handed to each waiting call, which logs it and answers 500
+            outcome = [error] * len(live)
+        loop.call_soon_threadsafe(_settle, [future for _, future in live], outcome)
+
     def _rank_and_answer(self, requests: list[RecommendRequest], deadline: Deadline) -> list[RecommendResponse]:
         ranked = rank_requests(self.engine, requests, SETTINGS.batching.max_batch_size, deadline)
         return [_answer(r, self.model_info) for r in ranked]
@@ -649,7 +686,8 @@ class Recommender:
     async def _recommendations(self, requests: list[RecommendRequest], batchable: bool) -> list[RecommendResponse]:
         "Answers from this worker's engine, or from the Scorer (`batchable`: through its adaptive batching)."
         if self.engine is not None:
-            return await self._within_budget(len(requests), self._on_engine(self._rank_and_answer, requests))
+            work = self._together(requests[0]) if batchable else self._on_engine(self._rank_and_answer, requests)
+            return await self._within_budget(len(requests), work)
         if batchable:
             ranked = await self._within_budget(len(requests), lambda _: _timed_call(self.scorer.to_async.rank(requests)))
         else:
