@@ -339,7 +339,8 @@ def bearer_token(token_env: str, switch_env: str) -> str | None:
                             f"{switch_env}=off to serve without authentication (local use only)")
     return token
 
-async def _respond(scope, send, body: bytes, content_type: bytes) -> None:
+async def _respond(send, body: bytes, content_type: bytes) -> None:
+    "Answers an ASGI request with 200 and `body`."
     await send({"type": "http.response.start", "status": 200,
                 "headers": [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})
@@ -366,11 +367,11 @@ class Gate:
         if path == "/metrics":
             metrics = BentoMLContainer.metrics_client.get()
             body = await asyncio.to_thread(metrics.generate_latest)
-            return await _respond(scope, send, body, metrics.CONTENT_TYPE_LATEST.encode())
+            return await _respond(send, body, metrics.CONTENT_TYPE_LATEST.encode())
         if path == "/docs.json":
             if self.document is None:
                 self.document = json.dumps(self.openapi()).encode()
-            return await _respond(scope, send, self.document, b"application/json")
+            return await _respond(send, self.document, b"application/json")
         await self.app(scope, receive, send)
 
 class RequestGuard:
