@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -35,6 +35,21 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def wait_until_ready(url: str, alive: Callable[[], bool], log_tail: Callable[[], str], timeout: float,
+                     poll: float = 0.5) -> None:
+    "Poll `url`/readyz until it answers 200; fail with the server's log when it exits (`alive`) or times out."
+    deadline = time.monotonic() + timeout
+    while True:
+        assert alive(), f"the server exited:\n{log_tail()}"
+        assert time.monotonic() < deadline, f"not ready in {timeout} s:\n{log_tail()}"
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(poll)
+
+
 @contextmanager
 def serving(bento: str, work: Path, env: dict, timeout: float = 180) -> Iterator[tuple[str, subprocess.Popen]]:
     "`bentoml serve <bento>` on 127.0.0.1 (log: work/serve.log); yields (base URL, process) once ready."
@@ -44,16 +59,7 @@ def serving(bento: str, work: Path, env: dict, timeout: float = 180) -> Iterator
                                 cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            assert proc.poll() is None, f"bentoml serve exited:\n{log_path.read_text()[-4000:]}"
-            assert time.monotonic() < deadline, f"not ready in {timeout} s:\n{log_path.read_text()[-4000:]}"
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
+        wait_until_ready(url, lambda: proc.poll() is None, lambda: log_path.read_text()[-4000:], timeout)
         yield url, proc
     finally:
         os.killpg(proc.pid, signal.SIGTERM)

@@ -12,7 +12,7 @@ import time
 
 import httpx
 import pytest
-from bento_server import free_port, package
+from bento_server import free_port, package, wait_until_ready
 from conftest import ROOT, project_env
 from test_service import TOKEN, UNKNOWN_MOVIE, save_small_model, serve_config
 
@@ -71,19 +71,11 @@ def url(image):
                              env={**os.environ, token_env: TOKEN}, capture_output=True, text=True, check=True)
     container = started.stdout.strip()
     url = f"http://127.0.0.1:{port}"
+    def running() -> bool:
+        return subprocess.run(["podman", "inspect", "--format", "{{.State.Running}}", container],
+                              capture_output=True, text=True, check=False).stdout.strip() == "true"
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            running = subprocess.run(["podman", "inspect", "--format", "{{.State.Running}}", container],
-                                     capture_output=True, text=True, check=False).stdout.strip()
-            assert running == "true", f"the container exited:\n{container_logs(container)}"
-            assert time.monotonic() < deadline, f"not ready in 300 s:\n{container_logs(container)}"
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(1)
+        wait_until_ready(url, running, lambda: container_logs(container), timeout=300, poll=1)
         yield url
     finally:
         subprocess.run(["podman", "rm", "--force", container], capture_output=True, check=False)
