@@ -68,3 +68,14 @@ def serving(bento: str, work: Path, env: dict, timeout: float = 180) -> Iterator
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+@contextmanager
+def serving_for_load(model_dir: Path, serve: dict, work: Path) -> Iterator[tuple[str, subprocess.Popen]]:
+    "`model_dir` packaged with `serve` and served with authentication off and no request log, as load tests need."
+    env = {**os.environ, "BENTOML_HOME": str(work / "bentoml"), "BENTOML_DO_NOT_TRACK": "true",
+           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", serve["auth_switch_env"]: "off"}
+    for name in (serve["auth_token_env"], serve["request_log_env"]):
+        env.pop(name, None)
+    with serving(package(model_dir, serve, work, env)["bento"], work, env, timeout=300) as served:
+        yield served

@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_overload import worker_cpu_seconds
-from bento_server import BIN, package, serving
+from bento_server import BIN, serving_for_load
 
 MAX_CONNECTIONS = 512
 
@@ -200,12 +200,7 @@ def main() -> None:
           f"(p50 {result['in_process']['p50_ms']:.2f} ms, p99 {result['in_process']['p99_ms']:.2f} ms)", flush=True)
     with tempfile.TemporaryDirectory(prefix="reelrank-capacity-") as tmp:
         work = Path(tmp)
-        env = {**os.environ, "BENTOML_HOME": str(work / "bentoml"), "BENTOML_DO_NOT_TRACK": "true",
-               "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", serve["auth_switch_env"]: "off"}
-        for name in (serve["auth_token_env"], serve["request_log_env"]):
-            env.pop(name, None)
-        bento = package(model_dir, serve, work, env)["bento"]
-        with serving(bento, work, env, timeout=300) as (url, proc):
+        with serving_for_load(model_dir, serve, work) as (url, proc):
             port = int(url.rsplit(":", 1)[1])
             asyncio.run(open_loop(port, bodies, args.start_rate, 3))  # warm-up
             print(f"served, {serve['workers']} workers, open loop, objective p99 <= {args.objective_ms:.0f} ms:")

@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_service import process_tree_rss
-from bento_server import BIN, package, serving
+from bento_server import serving_for_load
 
 
 def worker_cpu_seconds(root: int) -> dict[int, float]:
@@ -161,12 +161,7 @@ def main() -> None:
               "body_bytes": len(body), "serve": serve}
     with tempfile.TemporaryDirectory(prefix="reelrank-overload-") as tmp:
         work = Path(tmp)
-        env = {**os.environ, "BENTOML_HOME": str(work / "bentoml"), "BENTOML_DO_NOT_TRACK": "true",
-               "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", serve["auth_switch_env"]: "off"}
-        for name in (serve["auth_token_env"], serve["request_log_env"]):
-            env.pop(name, None)
-        bento = package(model_dir, serve, work, env)["bento"]
-        with serving(bento, work, env, timeout=300) as (url, proc):
+        with serving_for_load(model_dir, serve, work) as (url, proc):
             port = int(url.rsplit(":", 1)[1])
             # warm-up: a few clients for a few seconds, so that every worker has answered full batches (a worker's
             # first ones allocate what it keeps for reuse)
