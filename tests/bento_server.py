@@ -79,3 +79,11 @@ def serving_for_load(model_dir: Path, serve: dict, work: Path) -> Iterator[tuple
         env.pop(name, None)
     with serving(package(model_dir, serve, work, env)["bento"], work, env, timeout=300) as served:
         yield served
+
+
+def write_figures(path: str | Path, figures: dict) -> None:
+    "Write a benchmark's figures as JSON (under reports/benchmarks/) and say where."
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(figures, indent=1, default=str) + "\n")
+    print(f"wrote {out}")

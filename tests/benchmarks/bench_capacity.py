@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_overload import worker_cpu_seconds
-from bento_server import BIN, serving_for_load
+from bento_server import BIN, serving_for_load, write_figures
 
 MAX_CONNECTIONS = 512
 
@@ -230,10 +230,7 @@ def main() -> None:
         print("  top functions by own time:")
         for frame, share in figures["top_functions"]:
             print(f"  {share:6.1%}  {frame[:110]}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1, default=str) + "\n")
-    print(f"wrote {out}")
+    write_figures(args.out, result)
 
 
 if __name__ == "__main__":

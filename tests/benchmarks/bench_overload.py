@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_service import process_tree_rss
-from bento_server import serving_for_load
+from bento_server import serving_for_load, write_figures
 
 
 def worker_cpu_seconds(root: int) -> dict[int, float]:
@@ -218,10 +218,7 @@ def main() -> None:
     print(f"  worker CPU s {flood_figures['worker_cpu_s']}; load generator CPU {flood_figures['client_cpu_s']:.1f} s")
     print(f"memory MiB: idle {memory['idle']}, peak {memory['peak']}, {args.settle:.0f} s after "
           f"{memory['settled']} ({memory['settled_vs_idle']:+.1%}); /recommend afterwards {after_settle}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1, default=str) + "\n")
-    print(f"wrote {out}")
+    write_figures(args.out, result)
 
 
 if __name__ == "__main__":
