@@ -36,6 +36,8 @@ class FitContext:
 class Recommender:
     "Base class: subclasses set `family` and implement fit, score, save_weights and load_weights."
     family: ClassVar[str] = ""
+    # a model whose fit depends on the seed (random init, sampling) is trained with every seed of `seeds`
+    stochastic: ClassVar[bool] = False
     default_params: ClassVar[dict[str, Any] | None] = None
 
     def __init__(self, catalog: Catalog, params: dict | None = None):

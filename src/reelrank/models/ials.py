@@ -36,6 +36,7 @@ def fold_in(item_factors: torch.Tensor, histories: Sequence[np.ndarray], alpha: 
 class IALS(Recommender):
     "Implicit ALS; user vectors are folded in from histories at scoring time."
     family = "ials"
+    stochastic = True
 
     def fit(self, data: Interactions, valid=None, context=None) -> IALS:
         from implicit.cpu.als import AlternatingLeastSquares

@@ -148,6 +148,7 @@ ARCHITECTURE = ("max_len", "hidden", "blocks", "heads", "dropout")
 class SASRec(LightningRecommender):
     "Causal transformer next-item model scored from each history's last position."
     family = "sasrec"
+    stochastic = True
     default_params = DEFAULT_PARAMS
 
     def __init__(self, catalog: Catalog, params: dict | None = None):

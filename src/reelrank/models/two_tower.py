@@ -130,6 +130,7 @@ def split_targets(lengths: torch.Tensor, offsets: torch.Tensor, bag: torch.Tenso
 class TwoTower(LightningRecommender):
     "History tower and item tower (id, genres, year) trained with a logQ-corrected in-batch or full softmax."
     family = "two_tower"
+    stochastic = True
     default_params = DEFAULT_PARAMS
 
     def __init__(self, catalog: Catalog, params: dict | None = None):
