@@ -73,7 +73,7 @@ def test_ddp_fit_stage_writes_its_outputs_once(tmp_path):
     "`python -m reelrank.train fit two_tower` under the ddp trainer: both ranks train, rank 0 alone writes."
     write_toy_split(tmp_path / "data" / "processed", n_users=40, n_items=30, per_user=12)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({
-        "seed": 0, "trainer": TRAINER, "eval": {"cutoffs": [10], "save_k": 20, "batch_size": 16},
+        "seeds": [0], "trainer": TRAINER, "eval": {"cutoffs": [10], "save_k": 20, "batch_size": 16},
         "models": {"two_tower": {"family": "two_tower", "grid": {},
                                  "params": {"dim": 8, "hidden": 16, "batch_size": 8, "passes_per_epoch": 1}}}}))
     proc = subprocess.run([sys.executable, "-m", "reelrank.train", "fit", "two_tower"], check=False, cwd=tmp_path,
@@ -85,6 +85,6 @@ def test_ddp_fit_stage_writes_its_outputs_once(tmp_path):
     assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["two_tower"]
     assert sorted(p.name for p in (tmp_path / "reports" / "training").iterdir()) == ["two_tower"]
     report = json.loads((tmp_path / "reports" / "training" / "two_tower" / "fit.json").read_text())
-    assert report["family"] == "two_tower" and len(report["candidates"]) == 1
+    assert report["family"] == "two_tower" and len(report["per_seed"][0]["candidates"]) == 1
     scores = load_model(tmp_path / "models" / "two_tower").score([np.array([0, 3, 5])])
     assert scores.shape == (1, 30) and torch.isfinite(scores).all()

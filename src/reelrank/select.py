@@ -79,8 +79,12 @@ def comparison_rows(comparisons: dict[str, dict]) -> str:
 def model_card_markdown(card: dict) -> str:
     "The card as Markdown."
     metric_names = ["ndcg@10", "recall@20", "hit_rate@10", "mrr@10", "coverage@10", "popularity@10"]
+    def seed_range(row: dict) -> str:
+        values = row["seeds"]["test"]["ndcg@10"]
+        return f"{len(values)}: {min(values):.4f} to {max(values):.4f}"
+
     rows = "\n".join(f"| {name} | " + " | ".join(f"{row['val'][m]:.4f} / {row['test'][m]:.4f}" for m in metric_names)
-                     + f" | {row['fit_seconds']:.1f} |" for name, row in card["leaderboard"].items())
+                     + f" | {seed_range(row)} | {row['fit_seconds']:.1f} |" for name, row in card["leaderboard"].items())
     return f"""# Model card: {card['model']} ({card['family']})
 
 Selected on validation {card['metric']} among {len(card['leaderboard'])} models (rule below); served model refit on
@@ -90,9 +94,9 @@ Selected on validation {card['metric']} among {len(card['leaderboard'])} models 
 ## Protocol
 {card['protocol']}
 
-## Leaderboard (val / test)
-| model | {' | '.join(metric_names)} | fit s |
-|---|{'---|' * len(metric_names)}---|
+## Leaderboard (val / test; stochastic models: mean over seeds)
+| model | {' | '.join(metric_names)} | seeds: test ndcg@10 range | fit s |
+|---|{'---|' * len(metric_names)}---|---|
 {rows}
 
 ## Selection
@@ -164,7 +168,7 @@ def select_stage(params_path: str | Path = "params.yaml", metrics_dir: str | Pat
             "data": {"interactions": len(fitting_frame), "users": int(fitting_frame.user_id.nunique()),
                      "items": split.catalog.n_items},
             "selection": selection, "against_best_baseline": comparison,
-            "leaderboard": {n: {k: row[k] for k in ("val", "test", "interval", "fit_seconds")}
+            "leaderboard": {n: {k: row[k] for k in ("val", "test", "interval", "seeds", "fit_seconds")}
                             for n, row in leaderboard.items()},
             "provenance": {"git_commit": git_commit(), "data_md5": data_md5(split_dir), "params_hash": params_hash(params)}}
     with atomic_output(out_dir) as tmp:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import os
 import shutil
@@ -16,15 +17,16 @@ import pandas as pd
 from .core import (ConfigError, atomic_output, get_logger, load_params, read_json, run_cli,
                            seed_everything, write_json, write_parquet)
 from .metrics import RankingResult, evaluate_ranking
-from .models.base import FitContext, Recommender, build_model, load_model, save_model
+from .models.base import FitContext, Recommender, build_model, load_model, model_class, save_model
 from .split import HoldOut, Interactions, SplitData
 from .stats import CONFIDENCE, confidence_intervals
 
 log = get_logger("reelrank.train")
 
 # %% auto #0
-__all__ = ['log', 'HEADLINE_METRICS', 'expand_grid', 'score_task', 'per_user_frame', 'fit_model', 'is_rank_zero', 'fit_stage',
-           'recommendations_frame', 'metrics_at_k', 'headline', 'evaluate_stage', 'main']
+__all__ = ['log', 'HEADLINE_METRICS', 'expand_grid', 'score_task', 'per_user_frame', 'fit_model', 'seeds_for', 'seed_path',
+           'seed_mean', 'is_rank_zero', 'fit_stage', 'recommendations_frame', 'metrics_at_k', 'headline',
+           'per_seed_values', 'evaluate_stage', 'main']
 
 # %% ../../notebooks/05_train.ipynb #982c72e0
 def expand_grid(params: dict, grid: dict | None) -> list[dict]:
@@ -66,8 +68,8 @@ def fit_model(name: str, model_cfg: dict, trainer: dict, eval_cfg: dict, seed: i
         fit_seconds = time.perf_counter() - started
         scored = score_task(model, valid, train, eval_cfg)
         val = scored.metrics
-        log.info("%s candidate %d/%d %s: val ndcg@10 %.4f (%.1f s)", name, number + 1, len(candidates), params,
-                 val["ndcg@10"], fit_seconds)
+        log.info("%s seed %d candidate %d/%d %s: val ndcg@10 %.4f (%.1f s)", name, seed, number + 1,
+                 len(candidates), params, val["ndcg@10"], fit_seconds)
         tried.append({"params": params, "refit_params": model.refit_params(), "val": val,
                       "fit_seconds": fit_seconds})
         per_user.append(per_user_frame(scored, valid))
@@ -78,10 +80,24 @@ def fit_model(name: str, model_cfg: dict, trainer: dict, eval_cfg: dict, seed: i
     started = time.perf_counter()
     refit = build_model(model_cfg["family"], split.catalog, best["refit_params"]).fit(
         split.fitting(["train", "val"]), None, FitContext(trainer, seed))
-    report = {"model": name, "family": model_cfg["family"], "params": best["refit_params"], "val": best["val"],
-              "fit_seconds": best["fit_seconds"], "refit_seconds": time.perf_counter() - started,
-              "candidates": tried, "val_per_user": per_user[chosen]}
+    report = {"model": name, "family": model_cfg["family"], "seed": seed, "params": best["refit_params"],
+              "val": best["val"], "fit_seconds": best["fit_seconds"],
+              "refit_seconds": time.perf_counter() - started, "candidates": tried, "val_per_user": per_user[chosen]}
     return refit, report
+
+def seeds_for(family: str, seeds: list[int]) -> list[int]:
+    "The seeds a model of `family` is fitted with: all of `seeds` when its fit depends on the seed, else the first."
+    if not seeds:
+        raise ConfigError("`seeds` is empty: give at least one seed")
+    return list(seeds) if model_class(family).stochastic else list(seeds[:1])
+
+def seed_path(base: Path, seed: int, seeds: list[int]) -> Path:
+    "Where a seed's files go: `base` itself for the first seed, `base/seeds/<seed>` for every further one."
+    return base if seed == seeds[0] else base / "seeds" / str(seed)
+
+def seed_mean(reports: list[dict], key: str) -> dict[str, float]:
+    "Mean over seeds of each metric (or time) under `key` of the per-seed reports."
+    return {name: float(np.mean([report[key][name] for report in reports])) for name in reports[0][key]}
 
 def is_rank_zero() -> bool:
     "False in the extra processes a distributed launcher started (Lightning's DDP launcher, torchrun)."
@@ -91,28 +107,41 @@ def is_rank_zero() -> bool:
 
 def fit_stage(name: str, params_path: str | Path = "params.yaml", split_dir: str | Path = "data/processed",
               models_dir: str | Path = "models", training_dir: str | Path = "reports/training") -> dict:
-    """The DVC fit@<name> stage: models/<name>/ (model files) and reports/training/<name>/ (fit.json, the chosen
-    candidate's per-user val metrics, logs).
+    """The DVC fit@<name> stage: models/<name>/ (model files; further seeds' models in seeds/<seed>/) and
+    reports/training/<name>/ (fit.json with the seed-mean val metrics and each seed's report, the per-user val
+    metrics of every seed, the first seed's training logs).
     Under `trainer=ddp` Lightning re-runs this command once per extra process: those train in step with rank 0
     and write nothing, so the outputs are written once."""
-    params = load_params([f"models.{name}", "trainer", "eval", "seed"], params_path)
-    setup = (name, params[f"models.{name}"], params["trainer"], params["eval"], params["seed"],
-             SplitData.load(split_dir))
-    checkpoint_dir = Path("checkpoints") / name
+    params = load_params([f"models.{name}", "trainer", "eval", "seeds"], params_path)
+    model_cfg = params[f"models.{name}"]
+    seeds = seeds_for(model_cfg["family"], params["seeds"])
+    fit = functools.partial(fit_model, name, model_cfg, params["trainer"], params["eval"],
+                            split=SplitData.load(split_dir))
+    checkpoints = Path("checkpoints") / name
     if not is_rank_zero():
-        return fit_model(*setup, checkpoint_dir=checkpoint_dir)[1]
+        return {"seeds": [fit(seed, checkpoint_dir=seed_path(checkpoints, seed, seeds))[1] for seed in seeds]}
     # training logs are written in place: DVC clears a stage's outputs before running it, and DVCLive declares its
-    # files in dvc.yaml by the path it writes them to; the model, which later stages and the service read, is atomic
+    # files in dvc.yaml by the path it writes them to (so only the first seed logs curves); the model, which later
+    # stages and the service read, is atomic
     logs = Path(training_dir) / name
     shutil.rmtree(logs, ignore_errors=True)
     logs.mkdir(parents=True)
+    reports = []
     with atomic_output(Path(models_dir) / name) as model_dir:
-        model, report = fit_model(*setup, log_dir=logs, checkpoint_dir=checkpoint_dir)
-        save_model(model, model_dir)
-    write_parquet(report.pop("val_per_user"), logs / "val_per_user.parquet")
-    write_json(logs / "fit.json", report)
-    log.info("%s: wrote %s and %s", name, Path(models_dir) / name, Path(training_dir) / name)
-    return report
+        for seed in seeds:
+            model, report = fit(seed, log_dir=logs if seed == seeds[0] else None,
+                                checkpoint_dir=seed_path(checkpoints, seed, seeds))
+            save_model(model, seed_path(model_dir, seed, seeds))
+            reports.append(report)
+    write_parquet(pd.concat([report.pop("val_per_user").assign(seed=report["seed"]) for report in reports],
+                            ignore_index=True), logs / "val_per_user.parquet")
+    summary = {"model": name, "family": model_cfg["family"], "params": reports[0]["params"], "seeds": seeds,
+               "val": seed_mean(reports, "val"),
+               **{key: float(np.mean([report[key] for report in reports])) for key in ("fit_seconds", "refit_seconds")},
+               "per_seed": reports}
+    write_json(logs / "fit.json", summary)
+    log.info("%s: wrote %s and %s (seeds %s)", name, Path(models_dir) / name, Path(training_dir) / name, seeds)
+    return summary
 
 # %% ../../notebooks/05_train.ipynb #4c747804
 HEADLINE_METRICS = ("ndcg@10", "recall@20", "hit_rate@10", "mrr@10")
@@ -137,35 +166,52 @@ def headline(metrics: dict) -> dict:
     return {"val": {"ndcg@10": metrics["val"]["ndcg@10"]},
             "test": {name: metrics["test"][name] for name in HEADLINE_METRICS}}
 
+def per_seed_values(reports: list[dict], part: str) -> dict[str, list[float]]:
+    "Each metric's value for every seed, in seed order."
+    return {name: [report[part][name] for report in reports] for name in reports[0][part]}
+
 def evaluate_stage(name: str, params_path: str | Path = "params.yaml", split_dir: str | Path = "data/processed",
                    models_dir: str | Path = "models", reports_dir: str | Path = "reports",
                    training_dir: str | Path = "reports/training") -> dict:
-    """The DVC evaluate@<name> stage: test metrics of the refit model (`metrics/`, all of them with 95% intervals;
-    `headline/`, the few `dvc metrics` shows; `at_k/`, by cutoff for `dvc plots`), every user's val and test
-    metrics (`per_user/`) and the test users' top-k lists."""
+    """The DVC evaluate@<name> stage: test metrics of the refit model of every seed the fit stage used
+    (`metrics/`: the seed mean of every metric, each seed's values and 95% intervals over users of the seed-mean;
+    `headline/`, the few `dvc metrics` shows; `at_k/`, by cutoff for `dvc plots`), every user's seed-mean val and
+    test metrics (`per_user/`) and the test users' top-k lists of the first seed's model."""
     eval_cfg = load_params(["eval"], params_path)["eval"]
     split = SplitData.load(split_dir)
-    model = load_model(Path(models_dir) / name)
     fit_report = read_json(Path(training_dir) / name / "fit.json")
-    task = split.holdout("test")
-    result = score_task(model, task, split.fitting(["train", "val"]), eval_cfg)
-    per_user = pd.concat([pd.read_parquet(Path(training_dir) / name / "val_per_user.parquet").assign(part="val"),
-                          per_user_frame(result, task).assign(part="test")], ignore_index=True)
+    seeds, task, fitting = fit_report["seeds"], split.holdout("test"), split.fitting(["train", "val"])
+    test_reports, test_per_user = [], []
+    for seed in seeds:
+        model = load_model(seed_path(Path(models_dir) / name, seed, seeds))
+        result = score_task(model, task, fitting, eval_cfg)
+        if seed == seeds[0]:
+            first_model, first_result = model, result
+        test_reports.append({"test": result.metrics})
+        test_per_user.append(per_user_frame(result, task))
+        log.info("%s seed %d: test ndcg@10 %.4f", name, seed, result.metrics["ndcg@10"])
+    val_per_user = pd.read_parquet(Path(training_dir) / name / "val_per_user.parquet").drop(columns="seed")
+    per_user = pd.concat([val_per_user.groupby("user_id", sort=False).mean().reset_index().assign(part="val"),
+                          pd.concat(test_per_user).groupby("user_id", sort=False).mean().reset_index()
+                          .assign(part="test")], ignore_index=True)
     intervals = {part: confidence_intervals(rows.drop(columns=["user_id", "part"]))
                  for part, rows in per_user.groupby("part")}
+    test = seed_mean(test_reports, "test")
     metrics = {"model": name, "family": fit_report["family"], "params": fit_report["params"],
-               "val": fit_report["val"], "test": result.metrics, "interval": {"level": CONFIDENCE, **intervals},
+               "val": fit_report["val"], "test": test, "interval": {"level": CONFIDENCE, **intervals},
+               "seeds": {"seeds": seeds, "val": per_seed_values(fit_report["per_seed"], "val"),
+                         "test": per_seed_values(test_reports, "test")},
                "fit_seconds": fit_report["fit_seconds"], "refit_seconds": fit_report["refit_seconds"]}
     reports_dir = Path(reports_dir)
     with atomic_output(reports_dir / "per_user" / f"{name}.parquet") as tmp:
         write_parquet(per_user[["part", *per_user.columns.drop("part")]], tmp)
     with atomic_output(reports_dir / "recommendations" / f"{name}.parquet") as tmp:
-        write_parquet(recommendations_frame(result, task, model), tmp)
+        write_parquet(recommendations_frame(first_result, task, first_model), tmp)
     with atomic_output(reports_dir / "at_k" / f"{name}.csv") as tmp:
-        metrics_at_k(result.metrics, eval_cfg["cutoffs"]).to_csv(tmp, index=False, float_format="%.6f")
+        metrics_at_k(test, eval_cfg["cutoffs"]).to_csv(tmp, index=False, float_format="%.6f")
     write_json(reports_dir / "metrics" / f"{name}.json", metrics)
     write_json(reports_dir / "headline" / f"{name}.json", headline(metrics))
-    log.info("%s test ndcg@10 %.4f", name, result.metrics["ndcg@10"])
+    log.info("%s test ndcg@10 %.4f (mean of %d seeds)", name, test["ndcg@10"], len(seeds))
     return metrics
 
 # %% ../../notebooks/05_train.ipynb #b9a8821f
