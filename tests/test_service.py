@@ -6,6 +6,8 @@ second bento with `scoring: batched` (a Scorer service with adaptive batching), 
 explicitly off, must answer the same. Attacks and overload are bounded: made-up paths leave /metrics small, slow
 connections are closed, a flood is shed with 503s, client errors log one line, and schemathesis fuzzes the served
 OpenAPI document of both servers. Parity with the offline evaluation is tests/test_parity.py."""
+import hashlib
+import hmac
 import json
 import os
 import pickle
@@ -29,9 +31,11 @@ from conftest import ROOT, VENV_BIN, project_env
 from reelrank.core import write_json, write_parquet
 from reelrank.models.base import save_model
 from reelrank.models.ease import EASE
+from reelrank.request_log import LOG_FIELDS, read_request_log
 from reelrank.split import Catalog, Interactions
 
 TOKEN = "test-token-1234"
+LOG_KEY = "test-log-key-0123456789abcdef0123456789"  # the request log's HMAC key (at least 32 characters)
 MAX_BODY = 65536  # small enough to test 413 cheaply, large enough for a full batch of small requests
 UNKNOWN_USER, UNKNOWN_MOVIE = 999_999, 7
 # short clocks so that slow connections are tested in seconds; the budget still exceeds a full batch of this model
@@ -78,7 +82,7 @@ def server(packaged):
     "`bentoml serve <bento>` (default settings: inline scoring) with auth and request logging on; yields the URL."
     work, env, summary = packaged
     env = {**{name: value for name, value in env.items() if name != "REELRANK_AUTH"}, "REELRANK_API_TOKEN": TOKEN,
-           "REELRANK_REQUEST_LOG_DIR": str(work / "requests")}
+           "REELRANK_REQUEST_LOG_DIR": str(work / "requests"), "REELRANK_LOG_KEY": LOG_KEY}
     with serving(summary["bento"], work, env) as (url, _):
         yield url
 
@@ -296,20 +300,52 @@ def test_batched_scoring_forms_batches_and_answers_like_inline(server, batched_s
     assert not server_errors(batched_server)
 
 
-def test_requests_are_logged_for_monitoring_only(packaged, client):
-    "The request log holds the monitoring fields, no user id or history, in files only the service user can read."
-    work, _, _ = packaged
-    client.post("/recommend", json={"user_id": 3, "history": [10, 20, 30], "k": 2})
+def test_requests_are_logged_pseudonymised(packaged, client):
+    "The request log holds the monitoring fields, each user id as its HMAC under the key only, in 0600 files."
+    work, _, summary = packaged
+    known, stranger, odd_movie = 3, 987_654_321, 424_242_424  # a user of the model, an unknown user and movie
+    client.post("/recommend", json={"user_id": known, "history": [10, 20, odd_movie], "k": 2})
+    client.post("/recommend", json={"user_id": stranger, "k": 3})
     client.post("/similar", json={"movie_id": 10, "k": 3})
-    files = sorted((work / "requests").glob("requests.w*.jsonl"))
+    client.post("/similar", json={"movie_id": UNKNOWN_MOVIE})
+    directory = work / "requests"
+    files = sorted(directory.glob("requests.w*.jsonl"))
     assert files and all(stat.S_IMODE(path.stat().st_mode) == 0o600 for path in files)
-    assert stat.S_IMODE((work / "requests").stat().st_mode) == 0o700
-    records = [json.loads(line) for path in files for line in path.read_text().splitlines()]
-    assert {tuple(sorted(r)) for r in records} == {
-        ("batch", "endpoint", "fallback", "history", "k", "latency_ms", "movie_ids", "time", "user")}
-    asked = [r for r in records if r["endpoint"] == "recommend" and r["k"] == 2 and r["history"] == 3]
-    assert asked and asked[-1]["user"] is True and len(asked[-1]["movie_ids"]) == 2 and asked[-1]["latency_ms"] > 0
-    assert {r["endpoint"] for r in records} == {"recommend", "recommend_batch", "similar"}
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+    raw = b"".join(path.read_bytes() for path in files)
+    assert str(stranger).encode() not in raw and str(odd_movie).encode() not in raw and LOG_KEY.encode() not in raw
+    records = read_request_log(directory)
+    assert list(records.columns) == list(LOG_FIELDS) and (records.latency_ms > 0).all()
+    assert set(records.model) == {"ease"} and set(records.model_version) == {summary["model"].split(":")[1]}
+
+    def pseudonym(user: int) -> str:
+        return hmac.new(LOG_KEY.encode(), str(user).encode(), hashlib.sha256).hexdigest()
+
+    asked = records[(records.user == pseudonym(known)) & (records.history == 3)].iloc[-1]
+    assert (asked.route, asked.status, asked.unknown_items, asked.fallback) == ("/recommend", 200, 1, False)
+    assert len(asked["items"]) == 2 and not {10, 20} & set(asked["items"])
+    cold = records[records.user == pseudonym(stranger)].iloc[-1]
+    assert (cold.status, cold.history, cold.unknown_items, cold.fallback, len(cold["items"])) == (200, 0, 0, True, 3)
+    similar = records[records.route == "/similar"].tail(2)
+    assert similar.user.isna().all() and similar.status.tolist() == [200, 404]
+    assert similar.unknown_items.tolist() == [0, 1] and [len(items) for items in similar["items"]] == [3, 0]
+    assert set(records.route) == {"/recommend", "/recommend_batch", "/similar"}
+
+
+@pytest.mark.parametrize("key", ["", None], ids=["empty", "unset"])
+def test_request_log_without_a_key_refuses_to_start(packaged, key, tmp_path):
+    "With the request log on and its key variable empty or unset, `bentoml serve` refuses to start and says why."
+    work, env, summary = packaged
+    env = {**{name: value for name, value in env.items() if name not in ("REELRANK_AUTH", "REELRANK_LOG_KEY")},
+           "REELRANK_API_TOKEN": TOKEN, "REELRANK_REQUEST_LOG_DIR": str(tmp_path / "requests")}
+    if key is not None:
+        env["REELRANK_LOG_KEY"] = key
+    proc = subprocess.run([str(BIN / "bentoml"), "serve", summary["bento"], "--host", "127.0.0.1", "--port",
+                           str(free_port())], cwd=work, env=env, capture_output=True, text=True, timeout=180,
+                          check=False)
+    assert proc.returncode != 0
+    assert f"REELRANK_LOG_KEY is {'empty' if key == '' else 'not set'}" in proc.stdout + proc.stderr
+    assert not (tmp_path / "requests").exists()
 
 
 def test_made_up_paths_leave_metrics_small_and_fast(server):

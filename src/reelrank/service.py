@@ -6,8 +6,8 @@ __all__ = ['SETTINGS', 'MovieId', 'UserId', 'TopK', 'RETRY_AFTER', 'CLOSE', 'SHE
            'RecommendRequest', 'SimilarRequest', 'RecommendBatchRequest', 'Item', 'ModelInfo', 'RecommendResponse',
            'SimilarResponse', 'Ranked', 'ErrorDetail', 'ErrorResponse', 'Overloaded', 'Deadline', 'WorkQueue',
            'rank_requests', 'similar_items', 'load_engine', 'JsonOnly', 'Scorer', 'bearer_token', 'Gate',
-           'RequestGuard', 'ClientErrorsInOneLine', 'RequestLog', 'serve_with_header_timeout', 'error_response',
-           'release_memory', 'Recommender', 'openapi_document', 'served_openapi']
+           'RequestGuard', 'ClientErrorsInOneLine', 'serve_with_header_timeout', 'error_response', 'release_memory',
+           'Recommender', 'openapi_document', 'served_openapi']
 
 # %% ../../notebooks/10_service.ipynb #07541247
 import asyncio
@@ -23,7 +23,6 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -35,6 +34,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from .core import ReelrankError
 from .package import MODEL_NAME
+from .request_log import LoggedCall, RequestLog, request_log_key
 
 # %% ../../notebooks/10_service.ipynb #86fd4af9
 class BatchingConfig(BaseModel):
@@ -83,6 +83,8 @@ class ServeConfig(BaseModel):
     auth_token_env: str = Field(description="the variable holding the bearer token API calls need")
     auth_switch_env: str = Field(description="the variable that, set to `off`, serves without a token (local use)")
     request_log_env: str = Field(description="the variable that, when set to a directory, logs requests there")
+    request_log_key_env: str = Field(description="the variable holding the secret key the request log's user ids "
+                                                 "are pseudonymised with (HMAC-SHA256); required when the log is on")
     request_log: RequestLogConfig = Field(description="the request log's retention")
 
     @model_validator(mode="after")
@@ -476,36 +478,6 @@ class ClientErrorsInOneLine(logging.Filter):
 # the logger of BentoML's `log_exception`, which every rejected API call goes through
 logging.getLogger("bentoml._internal.server.http_app").addFilter(ClientErrorsInOneLine())
 
-class RequestLog:
-    "JSON lines of answered requests for monitoring: one worker's files, mode 0600, rotated by size and age."
-
-    def __init__(self, directory: str | Path, name: str, retention: RequestLogConfig):
-        self.directory, self.name, self.retention = Path(directory), name, retention
-        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self._start()
-
-    def _start(self) -> None:
-        "Deletes the files past the retention, then opens a new one (named by its start time, so names sort by age)."
-        older = sorted(self.directory.glob(f"{self.name}.*.jsonl"))
-        cutoff = time.time() - self.retention.files * self.retention.max_file_age_s
-        expired = older[:max(0, len(older) - self.retention.files + 1)] + [
-            path for path in older if path.stat().st_mtime < cutoff]
-        for path in expired:
-            path.unlink(missing_ok=True)
-        self.path = self.directory / f"{self.name}.{time.time_ns()}.jsonl"
-        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        self.started, self.size = time.monotonic(), 0
-
-    def write(self, records: list[dict]) -> None:
-        "Appends the records, one JSON line each, in one write; starts a new file first when this one is full or old."
-        data = "".join(json.dumps(record, separators=(",", ":")) + "\n" for record in records).encode()
-        if self.size and (self.size + len(data) > self.retention.max_file_bytes
-                          or time.monotonic() - self.started > self.retention.max_file_age_s):
-            os.close(self.fd)
-            self._start()
-        os.write(self.fd, data)
-        self.size += len(data)
-
 def serve_with_header_timeout(seconds: float) -> None:
     "Makes uvicorn close a connection whose request head has not arrived `seconds` after it opened or last answered."
     # uvicorn is BentoML's HTTP server, installed with it; imported where the protocol is built
@@ -598,16 +570,18 @@ class Recommender:
         scorer = bentoml.depends(Scorer)
 
     @bentoml.on_deployment
-    def refuse_to_run_open() -> None:
-        "Stops `bentoml serve`, before any worker starts, when authentication is not configured (`bearer_token`)."
+    def refuse_unsafe_settings() -> None:
+        "Stops `bentoml serve`, before any worker starts, without authentication (`bearer_token`) or a log key."
         bearer_token(SETTINGS.auth_token_env, SETTINGS.auth_switch_env)
+        request_log_key(SETTINGS.request_log_env, SETTINGS.request_log_key_env)
 
     def __init__(self) -> None:
         stored = self.model_ref
         self.model_info = ModelInfo(name=stored.info.labels["model"], version=stored.tag.version)
-        log_dir = os.environ.get(SETTINGS.request_log_env)
-        self.request_log = (RequestLog(log_dir, f"requests.w{bentoml.server_context.worker_index}",
-                                       SETTINGS.request_log) if log_dir else None)
+        log_key = request_log_key(SETTINGS.request_log_env, SETTINGS.request_log_key_env)
+        self.request_log = None if log_key is None else RequestLog(
+            os.environ[SETTINGS.request_log_env], f"requests.w{bentoml.server_context.worker_index}", log_key,
+            self.model_info.name, self.model_info.version, **SETTINGS.request_log.model_dump())
         self.engine = load_engine(stored.path) if SETTINGS.scoring == "inline" else None
         # batched: the Scorer's adaptive batching admits /recommend calls (one that would wait past max_latency_ms
         # is shed with 503), and a /recommend_batch call carries its remaining budget there
@@ -696,17 +670,28 @@ class Recommender:
                 self.scorer.to_async.rank_many(requests=requests, budget_s=deadline.at - time.monotonic())))
         return [_answer(r, self.model_info) for r in ranked]
 
-    def _log(self, endpoint: str, rows: list[tuple[RecommendRequest, RecommendResponse | SimilarResponse]],
-             started: float) -> None:
+    def _log_recommendations(self, route: str, started: float, requests: list[RecommendRequest],
+                             answers: list[RecommendResponse] | None) -> None:
+        "Logs recommend requests with their answers, or as shed (503) when `answers` is None; when the log is on."
         if self.request_log is None:
             return
-        now = datetime.now(UTC).isoformat(timespec="milliseconds")
-        latency_ms = round((time.perf_counter() - started) * 1000, 3)
-        self.request_log.write([
-            {"time": now, "endpoint": endpoint, "batch": len(rows), "k": request.k, "user": request.user_id is not None,
-             "history": len(request.history or ()), "movie_ids": [item.movie_id for item in answer.items],
-             "fallback": getattr(answer, "fallback", None), "latency_ms": latency_ms}
-            for request, answer in rows])
+        latency_ms = (time.perf_counter() - started) * 1000
+        if answers is None:
+            self.request_log.write(route, 503, latency_ms, [
+                LoggedCall(request.user_id, len(request.history or ()), None, None, []) for request in requests])
+        else:
+            self.request_log.write(route, 200, latency_ms, [
+                LoggedCall(request.user_id, len(request.history or ()), len(answer.ignored_history),
+                           answer.fallback is not None, [item.movie_id for item in answer.items])
+                for request, answer in zip(requests, answers)])
+
+    def _log_similar(self, started: float, status: int, answer: SimilarResponse | None = None) -> None:
+        "Logs a /similar call: answered (`answer`), an unknown movie (404) or shed (503); when the log is on."
+        if self.request_log is None:
+            return
+        call = (LoggedCall(None, 1, 0, False, [item.movie_id for item in answer.items]) if status == 200 else
+                LoggedCall(None, 1, 1, False, []) if status == 404 else LoggedCall(None, 1, None, None, []))
+        self.request_log.write("/similar", status, (time.perf_counter() - started) * 1000, [call])
 
     @bentoml.api(input_spec=RecommendRequest)
     async def recommend(self, user_id: int | None, history: list[int] | None, k: int,
@@ -717,8 +702,9 @@ class Recommender:
         try:
             answers = await self._recommendations([request], batchable=True)
         except Overloaded as shed:
+            self._log_recommendations("/recommend", started, [request], None)
             return error_response(503, str(shed), SHED_HEADERS)
-        self._log("recommend", [(request, answers[0])], started)
+        self._log_recommendations("/recommend", started, [request], answers)
         return answers[0]
 
     @bentoml.api(input_spec=RecommendBatchRequest)
@@ -728,8 +714,9 @@ class Recommender:
         try:
             answers = await self._recommendations(requests, batchable=False)
         except Overloaded as shed:
+            self._log_recommendations("/recommend_batch", started, requests, None)
             return error_response(503, str(shed), SHED_HEADERS)
-        self._log("recommend_batch", list(zip(requests, answers)), started)
+        self._log_recommendations("/recommend_batch", started, requests, answers)
         return answers
 
     @bentoml.api(input_spec=SimilarRequest)
@@ -743,11 +730,13 @@ class Recommender:
         try:
             found = await self._within_budget(1, work)
         except Overloaded as shed:
+            self._log_similar(started, 503)
             return error_response(503, str(shed), SHED_HEADERS)
         if found is None:
+            self._log_similar(started, 404)
             return error_response(404, f"movie {movie_id} is not in the catalog")
         answer = SimilarResponse(movie_id=movie_id, items=_answer(found, self.model_info).items, model=self.model_info)
-        self._log("similar", [(RecommendRequest.model_construct(user_id=None, history=[movie_id], k=k), answer)], started)
+        self._log_similar(started, 200, answer)
         return answer
 
 # %% ../../notebooks/10_service.ipynb #14a6e73b
