@@ -27,6 +27,8 @@ COMMANDS = {
     "tune": ("Optuna sweep of one model: reelrank tune model=ease sweep.n_trials=20", "reelrank.tune:main"),
     "recommend": ("batch top-k recommendations: reelrank recommend --users 1 2 --out recs.parquet",
                   "reelrank.recommend:main"),
+    "incoming": ("validate files in data/incoming/ and accept them as a new data version: reelrank incoming",
+                 "reelrank.incoming:main"),
 }
 
 def _command(name: str):

@@ -26,9 +26,10 @@ log = get_logger("reelrank.data")
 
 # %% auto #0
 __all__ = ['log', 'INTERACTIONS_SCHEMA', 'ITEMS_SCHEMA', 'NO_GENRES', 'DOWNLOAD_TIMEOUT', 'CHUNK_ROWS', 'ML_100K_GENRES',
-           'GROUPLENS_READERS', 'SOURCES', 'RULES', 'DEFAULT_POLICY', 'MAX_EXAMPLES', 'split_title_year', 'items_frame',
-           'write_tables', 'read_tables', 'fetch_grouplens', 'load_source', 'sample_users', 'ingest',
-           'DataValidationError', 'validate', 'validate_stage', 'main']
+           'GROUPLENS_READERS', 'SOURCES', 'RULES', 'DEFAULT_POLICY', 'MAX_EXAMPLES', 'ACCEPTED_DIR',
+           'split_title_year', 'items_frame', 'write_tables', 'read_tables', 'fetch_grouplens', 'load_source',
+           'sample_users', 'ingest', 'DataValidationError', 'validate', 'validate_stage', 'read_interactions_file',
+           'read_increments', 'main']
 
 # %% ../../notebooks/01_data.ipynb #50d7c90d
 INTERACTIONS_SCHEMA = pa.schema([("user_id", pa.int64()), ("item_id", pa.int64()),
@@ -233,10 +234,9 @@ def _column_mapping(cfg: dict, key: str, required: list[str], optional: list[str
             raise ConfigError(f"data.{key}.{name} must name the column that holds {name}")
     return mapping
 
-def _load_file(cfg: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
-    path = Path(cfg["path"])
-    mapping = _column_mapping(cfg, "columns", ["user_id", "item_id"], ["rating", "timestamp"])
-    columns = _mapped(_read_file(path), mapping, path)
+def _file_interactions(frame: pd.DataFrame, mapping: dict, path: Path) -> pd.DataFrame:
+    "The interactions of a file's `frame` in the raw schema, `mapping` naming its column for each of ours."
+    columns = _mapped(frame, mapping, path)
     where = {ours: f"{path} column {raw!r}" for ours, raw in mapping.items()}
     rows = len(columns["user_id"])
     if columns["rating"] is None:
@@ -249,12 +249,17 @@ def _load_file(cfg: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
         timestamps = np.arange(rows)
     else:
         timestamps = _unix_seconds(columns["timestamp"], where["timestamp"]).to_numpy()
-    interactions = pd.DataFrame({
+    return pd.DataFrame({
         "user_id": _integer_ids(columns["user_id"], where["user_id"]).array,
         "item_id": _integer_ids(columns["item_id"], where["item_id"]).array,
         "rating": ratings,
         "timestamp": timestamps.astype("int64"),
     })
+
+def _load_file(cfg: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
+    path = Path(cfg["path"])
+    mapping = _column_mapping(cfg, "columns", ["user_id", "item_id"], ["rating", "timestamp"])
+    interactions = _file_interactions(_read_file(path), mapping, path)
     if not cfg.get("items_path"):
         return interactions, items_frame(interactions["item_id"].dropna().drop_duplicates().sort_values())
     items_path = Path(cfg["items_path"])
@@ -415,15 +420,44 @@ def validate(interactions: pd.DataFrame, items: pd.DataFrame, rules: dict) -> tu
 
 # %% ../../notebooks/01_data.ipynb #91f6448a
 def validate_stage(rules: dict, in_dir: str | Path = "data/raw", out_dir: str | Path = "data/interim",
-                   report_path: str | Path = "reports/validation.json") -> dict:
-    "Validate the raw tables in `in_dir`, write the cleaned ones to `out_dir` and the report to `report_path`."
+                   report_path: str | Path = "reports/validation.json", accepted_dir: str | Path | None = None) -> dict:
+    """Validate the raw tables in `in_dir`, with the increments accepted into `accepted_dir` (if given) appended,
+    write the cleaned ones to `out_dir` and the report to `report_path`."""
     interactions, items = read_tables(in_dir)
+    increments = read_increments(accepted_dir) if accepted_dir is not None else {}
+    if increments:
+        interactions = pd.concat([interactions, *increments.values()], ignore_index=True).sort_values(
+            ["user_id", "timestamp", "item_id"], kind="stable", ignore_index=True)
     interactions, items, report = validate(interactions, items, rules)
+    if accepted_dir is not None:
+        report["increments"] = {name: len(frame) for name, frame in increments.items()}
     write_tables(interactions, items, out_dir)
     write_json(report_path, report)
     log.info("validated: %d of %d interactions kept", report["after"]["interactions"],
              report["before"]["interactions"])
     return report
+
+# %% ../../notebooks/01_data.ipynb #5fd74513
+ACCEPTED_DIR = "data/accepted"
+
+def read_interactions_file(path: str | Path) -> pd.DataFrame:
+    "The interactions of a CSV or Parquet file whose columns are exactly the raw schema's, converted to it."
+    path = Path(path)
+    frame = _read_file(path)
+    expected = INTERACTIONS_SCHEMA.names
+    if sorted(map(str, frame.columns)) != sorted(expected):
+        raise DataValidationError(f"schema check 'columns' failed on {path}: its columns are "
+                                  f"{', '.join(map(str, frame.columns))}; an interactions file has exactly "
+                                  f"{', '.join(expected)}")
+    return _file_interactions(frame, dict(zip(expected, expected)), path)
+
+def read_increments(accepted_dir: str | Path = ACCEPTED_DIR) -> dict[str, pd.DataFrame]:
+    "File name -> interactions of every increment (`*.parquet`) in `accepted_dir`, in name order; none if it is absent."
+    increments = {}
+    for path in sorted(Path(accepted_dir).glob("*.parquet")):
+        with _reading(path):
+            increments[path.name] = pd.read_parquet(path)
+    return increments
 
 # %% ../../notebooks/01_data.ipynb #79f81696
 def main(argv: list[str] | None = None) -> None:
@@ -432,12 +466,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--params", default="params.yaml", help="the composed parameters file")
     stages = parser.add_subparsers(dest="stage", required=True)
     stages.add_parser("ingest", help="load data.source into data/raw")
-    stages.add_parser("validate", help="check data/raw against the validate rules into data/interim")
+    stages.add_parser("validate", help="check data/raw and data/accepted against the validate rules into data/interim")
     args = parser.parse_args(argv)
     if args.stage == "ingest":
         ingest(load_params(["data"], args.params)["data"])
     else:
-        validate_stage(load_params(["validate"], args.params)["validate"])
+        validate_stage(load_params(["validate"], args.params)["validate"], accepted_dir=ACCEPTED_DIR)
 
 # %% ../../notebooks/01_data.ipynb #dc636b2e
 if __name__ == "__main__":
