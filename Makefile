@@ -14,7 +14,7 @@ export MPLBACKEND := Agg
 
 .DEFAULT_GOAL := help
 .PHONY: help setup system-deps run serve image image-smoke bento-store tune test unit integration params accept-baseline lock \
-	sync-check lint docs clean
+	sync-check lint docs bench-peers clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -95,6 +95,21 @@ lint: setup ## ruff over the exported package and tests
 docs: setup ## build the documentation site from the notebooks into _site/ (open _site/index.html)
 	python -c "from nbdev.serve import proc_nbs; proc_nbs()"
 	NO_MKDOCS_2_WARNING=1 mkdocs build
+
+# RecTools conflicts with the lock (numpy<2, pandas<3, pytorch-lightning<=2.5.2): its own venv, torch first as in setup,
+# then the `peers` group of pyproject.toml and the project itself without its dependencies
+PEERS_VENV := .venv-peers
+
+$(PEERS_VENV)/.installed: pyproject.toml
+	test -x $(PEERS_VENV)/bin/python || $(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/pip install --quiet torch==2.13.0
+	$(PEERS_VENV)/bin/python -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['peers'], sep='\n')" \
+	  | $(PEERS_VENV)/bin/pip install --quiet -r /dev/stdin
+	$(PEERS_VENV)/bin/pip install --quiet --no-deps -e .
+	touch $@
+
+bench-peers: setup $(PEERS_VENV)/.installed ## our EASE^R, iALS, SASRec beside RecTools' on the same split (after make run; ~15 min)
+	python tests/benchmarks/bench_peers.py
 
 clean: ## remove the virtual environment
 	rm -rf $(VENV)
