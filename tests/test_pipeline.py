@@ -12,7 +12,7 @@ from conftest import ROOT, run
 
 from reelrank.core import compose_config, md5_file
 
-MODELS = ["popularity", "ease", "ials", "two_tower", "sasrec"]
+MODELS = ["popularity", "ease", "ials", "two_tower", "sasrec", "blend"]
 
 
 def test_committed_params_equal_composition_of_conf():

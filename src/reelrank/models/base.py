@@ -79,6 +79,7 @@ MODEL_REGISTRY: dict[str, str] = {
     "ials": "reelrank.models.ials:IALS",
     "two_tower": "reelrank.models.two_tower:TwoTower",
     "sasrec": "reelrank.models.sasrec:SASRec",
+    "blend": "reelrank.models.blend:Blend",
 }
 
 def model_class(family: str) -> type[Recommender]:
