@@ -30,10 +30,10 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-system-deps: ## install the Debian packages the tests need when missing: chromium (report), postgresql (sweeps), buildah etc. (image)
+system-deps: ## install the Debian packages the tests need when missing: chromium (report), postgresql (sweeps), buildah etc. (image), nginx (deploy)
 	@missing=""; command -v chromium >/dev/null || missing="$$missing chromium"; \
 	ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || missing="$$missing postgresql"; \
-	for tool in buildah podman runc debootstrap curl; do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
+	for tool in buildah podman runc debootstrap curl nginx; do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
 	if [ -n "$$missing" ]; then $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; fi
 

@@ -29,6 +29,14 @@ COMMANDS = {
                   "reelrank.recommend:main"),
     "incoming": ("validate files in data/incoming/ and accept them as a new data version: reelrank incoming",
                  "reelrank.incoming:main"),
+    "monitor": ("drift, decay and serving health of the deployed model, exit 1 on an alert: reelrank monitor",
+                "reelrank.monitor:main"),
+    "promote": ("gate models/selected against models/production, deploy it if it passes: reelrank promote",
+                "reelrank.lifecycle:promote_main"),
+    "replay": ("the lifecycle replayed over the data's later periods (conf/replay): reelrank replay",
+               "reelrank.lifecycle:replay_main"),
+    "deploy": ("the production bento behind nginx on 127.0.0.1: reelrank deploy start|switch|stop",
+               "reelrank.lifecycle:deploy_main"),
 }
 
 def _command(name: str):
