@@ -147,14 +147,16 @@ def _year(seconds) -> np.ndarray:
     "Calendar year (UTC) of unix seconds."
     return np.asarray(seconds).astype("datetime64[s]").astype("datetime64[Y]").astype(np.int64) + 1970
 
-# %% ../../notebooks/01b_synthetic.ipynb #7cd0dd4c
-ADJECTIVES = ("Silent Lost Last Dark Golden Broken Hidden Wild Crimson Frozen Burning Endless Secret Little Distant "
-              "Hollow Savage Quiet Bright Midnight Electric Bitter Sweet Iron Paper Glass Lonely Brave Final "
-              "Forgotten Eternal Restless Velvet Scarlet Northern Wicked Gentle Stolen Shattered Blue").split()
-NOUNS = ("Harbor River Kingdom Road Garden Empire Storm Mirror Shadow City Heart Summer Winter Island Train Letter "
-         "Promise Horizon Dream Secret Station Valley Circus Hunter Machine Frontier Dance Song Voyage Witness Game "
-         "Stranger Legacy Planet Border Fortune Memory Night Bridge House Crown Signal Orchard Tide Canyon Engine "
-         "Moon Forest Desert Ocean").split()
+# %% ../../notebooks/01b_synthetic.ipynb #d46d29d6
+ADJECTIVES = ("Silent", "Lost", "Last", "Dark", "Golden", "Broken", "Hidden", "Wild", "Crimson", "Frozen", "Burning",
+              "Endless", "Secret", "Little", "Distant", "Hollow", "Savage", "Quiet", "Bright", "Midnight", "Electric",
+              "Bitter", "Sweet", "Iron", "Paper", "Glass", "Lonely", "Brave", "Final", "Forgotten", "Eternal",
+              "Restless", "Velvet", "Scarlet", "Northern", "Wicked", "Gentle", "Stolen", "Shattered", "Blue")
+NOUNS = ("Harbor", "River", "Kingdom", "Road", "Garden", "Empire", "Storm", "Mirror", "Shadow", "City", "Heart",
+         "Summer", "Winter", "Island", "Train", "Letter", "Promise", "Horizon", "Dream", "Secret", "Station",
+         "Valley", "Circus", "Hunter", "Machine", "Frontier", "Dance", "Song", "Voyage", "Witness", "Game",
+         "Stranger", "Legacy", "Planet", "Border", "Fortune", "Memory", "Night", "Bridge", "House", "Crown", "Signal",
+         "Orchard", "Tide", "Canyon", "Engine", "Moon", "Forest", "Desert", "Ocean")
 SEQUELS = ("",) * 8 + (" II", " III")  # one movie in five is a sequel
 
 @dataclass
