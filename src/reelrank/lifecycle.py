@@ -235,7 +235,7 @@ def calibrate(records: list[dict], k: int = 10) -> dict:
 
 # %% ../../notebooks/15_lifecycle.ipynb #4a18aa5b
 def plot_decay(records: list[dict], k: int, policy: str, path: str | Path) -> None:
-    "NDCG@k and HitRate@k per period of the never-retrained and the policy's model, promotions marked."
+    "NDCG@k and HitRate@k per period of the never-retrained and the policy's model; promotions marked."
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -247,11 +247,12 @@ def plot_decay(records: list[dict], k: int, policy: str, path: str | Path) -> No
                                   ("policy_model", f"policy '{policy}'", "-")):
             axis.plot(starts, [np.nan if r[who][metric] is None else r[who][metric] for r in records], style,
                       marker="o", label=label)
-        for start, record in zip(starts, records):
-            if record["promoted"]:
-                axis.axvline(start, color="tab:green", alpha=0.25)
+        for record in records:
+            if record["promoted"]:   # the promoted model serves from the end of the period that promoted it
+                axis.axvline(pd.Timestamp(record["end"]), color="tab:green", alpha=0.3)
         axis.set_title(f"{metric} on each period (next-period protocol)")
         axis.grid(alpha=0.3)
+    axes[0].plot([], [], color="tab:green", alpha=0.3, label="a promoted model starts serving")
     axes[0].legend(fontsize=8)
     fig.autofmt_xdate()
     fig.tight_layout()
