@@ -17,10 +17,11 @@ Both sides, per family, in one run on data/processed (`make run` or `dvc repro s
   SASRec; then the refit on train + val), and scored on test by `score_task`;
 - the peer: tuned on val with this project's search space (conf/sweep/<family>.yaml, names mapped to the peer's,
   keys it has no counterpart for dropped) and the same Optuna sampler and pruner as our sweeps, for the trial
-  budget printed beside it; the peer's own defaults everywhere else. SASRec trials stop early on val NDCG@10 (checked
-  every --check-every epochs, patience as trainer.patience, at most --max-epochs); the best trial is refit on
-  train + val with the epochs it found, and its test lists are scored by this project's evaluator (full catalog, seen
-  items excluded, the same cutoffs) through `ranked_list_scores`;
+  budget printed beside it, the first trial being our tuned configuration; our fixed params where the peer has them,
+  its own defaults everywhere else. A SASRec trial trains --max-epochs epochs with val NDCG@10 checked every
+  --check-every epochs (no patience: RecTools' SASRec sits at popularity level for its first 15-20 epochs here);
+  the best trial is refit on train + val with the epochs of its best check, and its test lists are scored by this
+  project's evaluator (full catalog, seen items excluded, the same cutoffs) through `ranked_list_scores`;
 - the same seed (params `seed`), torch threads and machine; the fit seconds carry the 1-minute load average.
 
 Printed and written to reports/benchmarks/peers.json: test NDCG@10 of both with 95% bootstrap intervals over users,
@@ -156,11 +157,20 @@ class PeerFits:
                 "item_id": lists.item_id.tolist(), "rank": lists["rank"].tolist()}
 
 
-def serve_peer_requests(split_dir: str) -> None:
+def limit_threads(threads: int) -> None:
+    "Use `threads` CPU threads in torch and in the BLAS and OpenMP pools (`implicit`'s own ALS pool is left as is)."
+    from threadpoolctl import threadpool_limits
+
+    torch.set_num_threads(threads)
+    threadpool_limits(threads)
+
+
+def serve_peer_requests(split_dir: str, threads: int) -> None:
     "The worker loop: one JSON request per stdin line (`op` names a PeerFits method), one JSON reply per line."
     import warnings
 
     warnings.filterwarnings("ignore")
+    limit_threads(threads)
     replies = os.fdopen(os.dup(sys.stdout.fileno()), "w")
     # Lightning and RecTools print to stdout: that goes to stderr, so the pipe carries replies only
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
@@ -176,7 +186,7 @@ def serve_peer_requests(split_dir: str) -> None:
 
 @dataclass(frozen=True)
 class Peer:
-    "A peer implementation of one of our families: its name, our search-space keys renamed to its own, its budget."
+    "A peer implementation of one of our families: its name, our param names renamed to its own, its trial budget."
     implementation: str
     names: dict[str, str]
     trials: int
@@ -186,25 +196,26 @@ class Peer:
         return {self.names[key]: value for key, value in ours.items() if key in self.names}
 
 
-# Trial budgets: the same as our sweeps for the cheap closed-form and ALS fits; SASRec fewer (its full-softmax epochs
-# over the whole catalog cost minutes per trial here): see docs/peers.md. Our SASRec's weight_decay has no RecTools
-# counterpart (its Lightning module builds a plain Adam), so that key is left out of the peer's search.
+# Trial budgets: see docs/peers.md. Our SASRec's weight_decay has no RecTools counterpart (its Lightning module builds
+# a plain Adam), so that key is left out of the peer's search; its loss stays RecTools' default (full softmax), as ours
+# (a shared sampled softmax with logQ correction) has no counterpart either.
 PEERS = {
-    "ease": Peer("rectools.models.EASEModel", {"l2": "regularization"}, trials=20),
+    "ease": Peer("rectools.models.EASEModel", {"l2": "regularization"}, trials=6),
     "ials": Peer("rectools.models.ImplicitALSWrapperModel(implicit.cpu.als.AlternatingLeastSquares)",
                  {key: key for key in ("factors", "regularization", "alpha", "iterations")}, trials=12),
     "sasrec": Peer("rectools.models.SASRecModel",
-                   {"hidden": "n_factors", "blocks": "n_blocks", "dropout": "dropout_rate", "lr": "lr",
-                    "max_len": "session_max_len"}, trials=4, sequential=True),
+                   {"hidden": "n_factors", "blocks": "n_blocks", "heads": "n_heads", "dropout": "dropout_rate",
+                    "lr": "lr", "max_len": "session_max_len", "batch_size": "batch_size"}, trials=1, sequential=True),
 }
 
 
 class PeerWorker:
     "The worker process in the peer environment, called one request at a time."
-    def __init__(self, python: Path, split_dir: Path):
+    def __init__(self, python: Path, split_dir: Path, threads: int):
         if not python.exists():
             raise SystemExit(f"{python} not found: create the peer environment with `make bench-peers`")
-        self.process = subprocess.Popen([str(python), __file__, "--worker", "--split-dir", str(split_dir)],
+        self.process = subprocess.Popen([str(python), __file__, "--worker", "--split-dir", str(split_dir),
+                                         "--threads", str(threads)],
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
     def __call__(self, op: str, **request) -> dict:
@@ -252,9 +263,9 @@ def fit_ours(family: str, cfg: dict, split, tuned_by: str) -> Side:
 
 
 def peer_trial(worker: PeerWorker, peer: Peer, params: dict, cfg: dict, split, report=None) -> dict:
-    """Fit the peer on train and score its val lists; a sequential model trains in rounds of --check-every epochs
-    until val NDCG@10 has not improved for trainer.patience rounds (or --max-epochs), reporting each round to
-    `report(value, epochs)`, which may stop the trial. Returns the best val NDCG@10, the params to refit with and the
+    """Fit the peer on train and score its val lists; a sequential model trains --max-epochs epochs, its val NDCG@10
+    checked every --check-every epochs and reported to `report(value, epochs)` (which may stop the trial), and the
+    best check's epoch count is what the refit trains. Returns the best val NDCG@10, the params to refit with and the
     fit seconds as ours counts them (a sequential fit's includes its val checks, like our early stopping's)."""
     valid, train = split.holdout("val"), split.fitting(["train"])
 
@@ -265,22 +276,18 @@ def peer_trial(worker: PeerWorker, peer: Peer, params: dict, cfg: dict, split, r
     if not peer.sequential:
         fitted = worker("fit", family=cfg["family"], params=params, parts=["train"], seed=cfg["seed"])
         return {"val": val_ndcg(), "refit_params": params, "fit_seconds": fitted["seconds"]}
-    started = time.perf_counter()
-    step, patience = cfg["check_every"], int(cfg["trainer"].get("patience", 3))
+    started, step = time.perf_counter(), cfg["check_every"]
     worker("fit", family=cfg["family"], params=params, parts=["train"], seed=cfg["seed"], epochs=step)
-    epochs, best, best_epochs, rounds_without_gain = step, -np.inf, step, 0
+    epochs, checks = step, {}
     while True:
-        value = val_ndcg()
-        if value > best:
-            best, best_epochs, rounds_without_gain = value, epochs, 0
-        else:
-            rounds_without_gain += 1
-        print(f"    {epochs} epochs: val {HEADLINE} {value:.4f}", flush=True)
+        checks[epochs] = val_ndcg()
+        print(f"    {epochs} epochs: val {HEADLINE} {checks[epochs]:.4f} (load {load1()})", flush=True)
         if report:
-            report(value, epochs)
-        if rounds_without_gain >= patience or epochs >= cfg["max_epochs"]:
-            return {"val": best, "refit_params": {**params, "epochs": best_epochs},
-                    "fit_seconds": time.perf_counter() - started, "epochs_trained": epochs}
+            report(checks[epochs], epochs)
+        if epochs >= cfg["max_epochs"]:
+            best_epochs = max(checks, key=checks.get)
+            return {"val": checks[best_epochs], "refit_params": {**params, "epochs": best_epochs},
+                    "fit_seconds": time.perf_counter() - started, "val_by_epochs": checks}
         worker("train", epochs=step)
         epochs += step
 
@@ -298,13 +305,15 @@ def tune_peer(worker: PeerWorker, family: str, cfg: dict, split) -> Side:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="maximize", pruner=make_pruner(sweep["pruner"]))
     # the first trial is our tuned configuration, so the peer's search starts where ours ended
-    study.enqueue_trial({key: cfg["models"][family]["params"][key] for key in space})
+    ours = cfg["models"][family]["params"]
+    study.enqueue_trial({key: ours[key] for key in space})
     load = [load1()]
     started = time.perf_counter()
 
     def objective(trial: optuna.Trial) -> float:
         trial.study.sampler = make_sampler(sweep["sampler"], trial.number)
-        params = peer.params({key: suggest(trial, key, dist) for key, dist in space.items()})
+        # our params outside the search space (SASRec's batch size and heads) hold in the peer's trials too
+        params = peer.params({**ours, **{key: suggest(trial, key, dist) for key, dist in space.items()}})
         begun = time.perf_counter()
 
         def report(value: float, epochs: int) -> None:
@@ -392,14 +401,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--families", default=",".join(PEERS), help=f"comma-separated subset of {list(PEERS)}")
     parser.add_argument("--trials", nargs="*", default=[], metavar="FAMILY=N", help="peer trial budget overrides")
     parser.add_argument("--check-every", type=int, default=5, help="epochs between a sequential peer's val checks")
-    parser.add_argument("--max-epochs", type=int, default=100, help="a sequential peer's epoch cap per fit")
+    parser.add_argument("--max-epochs", type=int, default=40,
+                        help="a sequential peer's epochs per fit (40 x 21 batches of 32: the ~880 steps of our fit)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads of torch and BLAS on both sides (1: what a shared machine can give)")
     parser.add_argument("--split-dir", type=Path, default=ROOT / "data" / "processed")
     parser.add_argument("--peer-python", type=Path, default=PEER_PYTHON)
     parser.add_argument("--out", type=Path, default=ROOT / "reports" / "benchmarks" / "peers.json")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        return serve_peer_requests(str(args.split_dir))
+        return serve_peer_requests(str(args.split_dir), args.threads)
 
     sys.path.insert(0, str(ROOT / "tests"))
     from bento_server import write_figures
@@ -413,8 +425,9 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unknown families {unknown}; known: {list(PEERS)}")
     trials = {family: peer.trials for family, peer in PEERS.items()}
     trials.update({k: int(v) for k, v in (item.split("=") for item in args.trials)})
+    limit_threads(args.threads)
     split = SplitData.load(args.split_dir)
-    worker = PeerWorker(args.peer_python, args.split_dir)
+    worker = PeerWorker(args.peer_python, args.split_dir, args.threads)
     started, load_start = time.perf_counter(), os.getloadavg()
     rows = []
     try:
@@ -437,8 +450,7 @@ def main(argv: list[str] | None = None) -> None:
                "load_average_start": [round(x, 2) for x in load_start],
                "load_average_end": [round(x, 2) for x in os.getloadavg()],
                "total_seconds": round(time.perf_counter() - started, 1),
-               "sequential_early_stopping": {"check_every_epochs": args.check_every, "max_epochs": args.max_epochs,
-                                             "patience_checks": int(cfg["trainer"].get("patience", 3))},
+               "sequential_peer_epochs": {"check_every": args.check_every, "max": args.max_epochs},
                "families": rows}
     print(f"\nRecTools {versions['rectools']} (torch {versions['torch']}) vs reelrank (torch {torch.__version__}), "
           f"{torch.get_num_threads()} torch threads, load {figures['load_average_start'][0]} at start, "
