@@ -2,7 +2,7 @@
 (a script that prints figures, not a test).
 
     make bench-peers            # creates .venv-peers (RecTools, see below) and runs this script
-    python tests/benchmarks/bench_peers.py [--families ease,ials,sasrec] [--trials sasrec=4] [--seed 42]
+    python tests/benchmarks/bench_peers.py [--families ease,ials,sasrec] [--trials sasrec=4] [--threads 1]
 
 The peer is RecTools (EASEModel; ImplicitALSWrapperModel over `implicit`'s ALS; SASRecModel). RecTools pins numpy<2,
 pandas<3, attrs<24 and pytorch-lightning<=2.5.2 on Python 3.11, which conflict with requirements.lock, so it lives
@@ -59,7 +59,7 @@ def ranked_list_scores(ranked: pd.DataFrame, task, catalog) -> torch.Tensor:
     rows = pd.Index(task.histories.user_ids).get_indexer(ranked.user_id.to_numpy())
     cols = catalog.index_of(ranked.item_id.to_numpy())
     if (rows < 0).any():
-        raise ValueError(f"{int((rows < 0).sum())} listed rows name users without a {HEADLINE} target in this task")
+        raise ValueError(f"{int((rows < 0).sum())} listed rows name users who are not in this task")
     if (cols < 0).any():
         raise ValueError(f"{int((cols < 0).sum())} listed items are not in the catalog")
     if pd.DataFrame({"row": rows, "col": cols}).duplicated().any():
