@@ -407,6 +407,28 @@ def test_slow_connections_are_closed(server):
     assert answer.startswith(b"HTTP/1.1 408") and b"did not arrive within" in answer
 
 
+def test_a_connection_is_closed_after_keepalive_requests(server):
+    "A keep-alive connection's serve.keepalive_requests-th answer says `Connection: close` and the service closes it."
+    limit = serve_config()["keepalive_requests"]
+    port = int(server.rsplit(":", 1)[1])
+    body = b'{"user_id": 1, "k": 2}'
+    closing = []
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock, sock.makefile("rb") as answers:
+        for _ in range(limit):
+            sock.sendall(b"POST /recommend HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer %s\r\n"
+                         b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                         % (TOKEN.encode(), len(body), body))
+            assert answers.readline().startswith(b"HTTP/1.1 200")
+            headers = {}
+            while (line := answers.readline()) not in (b"\r\n", b""):
+                name, _, value = line.partition(b":")
+                headers[name.strip().lower()] = value.strip().lower()
+            answers.read(int(headers[b"content-length"]))
+            closing.append(headers.get(b"connection") == b"close")
+        assert answers.read() == b"", "the connection stayed open after its last answer"
+    assert closing == [False] * (limit - 1) + [True]
+
+
 @pytest.mark.parametrize("token", ["", None], ids=["empty", "unset"])
 def test_authentication_fails_closed(packaged, token):
     "With the token variable empty or unset, and no REELRANK_AUTH=off, `bentoml serve` refuses to start and says why."

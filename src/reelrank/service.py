@@ -6,7 +6,7 @@ __all__ = ['SETTINGS', 'MovieId', 'UserId', 'TopK', 'RETRY_AFTER', 'CLOSE', 'SHE
            'RecommendRequest', 'SimilarRequest', 'RecommendBatchRequest', 'Item', 'ModelInfo', 'RecommendResponse',
            'SimilarResponse', 'Ranked', 'ErrorDetail', 'ErrorResponse', 'Overloaded', 'Deadline', 'WorkQueue',
            'rank_requests', 'similar_items', 'load_engine', 'JsonOnly', 'Scorer', 'bearer_token', 'Gate',
-           'RequestGuard', 'ClientErrorsInOneLine', 'serve_with_header_timeout', 'error_response', 'json_answer',
+           'RequestGuard', 'ClientErrorsInOneLine', 'serve_with_connection_limits', 'error_response', 'json_answer',
            'release_memory', 'Recommender', 'openapi_document', 'served_openapi']
 
 # %% ../../notebooks/10_service.ipynb #07541247
@@ -72,6 +72,9 @@ class ServeConfig(BaseModel):
                                                       "after it opened or after its last answer is closed")
     body_timeout_s: float = Field(gt=0, description="a request body not received in full this long after its "
                                                     "head gets 408")
+    keepalive_requests: int = Field(ge=1, description="a connection's request of this number is answered with "
+                                                      "`Connection: close`, so clients reconnect to whichever worker "
+                                                      "is free first")
     max_k: int = Field(ge=1, description="largest k a request may ask for")
     max_history: int = Field(ge=1, description="most movie ids in one request's history")
     max_batch: int = Field(ge=1, description="most requests in one /recommend_batch call")
@@ -477,23 +480,30 @@ class ClientErrorsInOneLine(logging.Filter):
 # the logger of BentoML's `log_exception`, which every rejected API call goes through
 logging.getLogger("bentoml._internal.server.http_app").addFilter(ClientErrorsInOneLine())
 
-def serve_with_header_timeout(seconds: float) -> None:
-    "Makes uvicorn close a connection whose request head has not arrived `seconds` after it opened or last answered."
+def serve_with_connection_limits(header_timeout_s: float, keepalive_requests: int) -> None:
+    """Makes uvicorn close a connection whose request head has not arrived `header_timeout_s` after it opened or last
+    answered, and answer a connection's `keepalive_requests`-th request with `Connection: close`."""
     # uvicorn is BentoML's HTTP server, installed with it; imported where the protocol is built
     import uvicorn.config
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
-    class HeadTimeoutProtocol(H11Protocol):
+    class LimitedConnectionProtocol(H11Protocol):
         head_timer = None
+        requests = 0
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
             self._arm()
 
-        def data_received(self, data: bytes) -> None:
-            super().data_received(data)
-            if self.cycle is not None and not self.cycle.response_complete:
-                self._disarm()  # a request head arrived: the body and the answer have limits of their own
+        def handle_events(self) -> None:
+            cycle = self.cycle
+            super().handle_events()
+            if self.cycle is not cycle:  # a request head arrived: the body and the answer have limits of their own
+                self._disarm()
+                self.requests += 1
+                if self.requests == keepalive_requests:
+                    # as if the client had asked: uvicorn then answers with `Connection: close` and closes
+                    self.cycle.scope["headers"].append(CLOSE)
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
@@ -507,14 +517,14 @@ def serve_with_header_timeout(seconds: float) -> None:
 
         def _arm(self) -> None:
             self._disarm()
-            self.head_timer = self.loop.call_later(seconds, self.transport.close)
+            self.head_timer = self.loop.call_later(header_timeout_s, self.transport.close)
 
         def _disarm(self) -> None:
             if self.head_timer is not None:
                 self.head_timer.cancel()
                 self.head_timer = None
 
-    uvicorn.config.HTTP_PROTOCOLS["auto"] = HeadTimeoutProtocol
+    uvicorn.config.HTTP_PROTOCOLS["auto"] = LimitedConnectionProtocol
 
 # %% ../../notebooks/10_service.ipynb #59dd8292
 def _answer(ranked: Ranked, model: ModelInfo) -> RecommendResponse:
@@ -820,4 +830,4 @@ Recommender.add_asgi_middleware(RequestGuard, routes=API_ROUTES, token_env=SETTI
                                 switch_env=SETTINGS.auth_switch_env, max_body_bytes=SETTINGS.max_body_bytes,
                                 body_timeout_s=SETTINGS.body_timeout_s, max_inflight=SETTINGS.max_inflight,
                                 max_inflight_bytes=SETTINGS.max_inflight_bytes)
-serve_with_header_timeout(SETTINGS.header_timeout_s)
+serve_with_connection_limits(SETTINGS.header_timeout_s, SETTINGS.keepalive_requests)

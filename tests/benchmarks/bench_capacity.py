@@ -3,8 +3,9 @@
     python tests/benchmarks/bench_capacity.py [--model models/selected] [--objective-ms 50] [--seconds 8]
         [--requests 4000] [--profile]
 
-Concurrency 1 first: one client sends --requests POST /recommend calls one after another on one keep-alive
-connection (a blocking socket, the cheapest client there is); their p50 and p99 stand beside the same requests ranked
+Concurrency 1 first: one client sends --requests POST /recommend calls one after another on a keep-alive
+connection (a blocking socket, the cheapest client there is; a new connection when the service closes one, every
+serve.keepalive_requests calls); their p50 and p99 stand beside the same requests ranked
 in this process one at a time through the service's own path (`rank_requests` and the answer model, with the served
 torch threads): the model's own time. The difference is what HTTP, BentoML and the service add to one request. The
 worker's CPU milliseconds per call are reported too (less sensitive than latency to other work on the machine).
@@ -64,22 +65,26 @@ def percentiles(seconds: list[float]) -> dict:
 
 
 def one_client(port: int, bodies: list[bytes]) -> list[float]:
-    "Concurrency 1: POST /recommend each body in turn on one keep-alive connection; each call's seconds."
-    latencies = []
-    with socket.create_connection(("127.0.0.1", port)) as sock, sock.makefile("rb") as answers:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        for body in bodies:
-            started = time.perf_counter()
-            sock.sendall(RECOMMEND % len(body) + body)
-            status, length = answers.readline(), 0
-            while (line := answers.readline()) not in (b"\r\n", b""):
-                name, _, value = line.partition(b":")
-                if name.lower() == b"content-length":
-                    length = int(value)
-            answers.read(length)
-            latencies.append(time.perf_counter() - started)
-            if status.split()[1] != b"200":
-                raise RuntimeError(f"/recommend answered {status.decode().strip()} at concurrency 1")
+    "Concurrency 1: POST /recommend each body in turn on a keep-alive connection; each call's seconds."
+    latencies, remaining = [], list(reversed(bodies))
+    while remaining:  # a connection lasts until the service answers `Connection: close` (serve.keepalive_requests)
+        with socket.create_connection(("127.0.0.1", port)) as sock, sock.makefile("rb") as answers:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            close = False
+            while remaining and not close:
+                body = remaining.pop()
+                started = time.perf_counter()
+                sock.sendall(RECOMMEND % len(body) + body)
+                status, length = answers.readline(), 0
+                while (line := answers.readline()) not in (b"\r\n", b""):
+                    name, _, value = line.partition(b":")
+                    if name.lower() == b"content-length":
+                        length = int(value)
+                    close |= name.lower() == b"connection" and value.strip().lower() == b"close"
+                answers.read(length)
+                latencies.append(time.perf_counter() - started)
+                if status.split()[1] != b"200":
+                    raise RuntimeError(f"/recommend answered {status.decode().strip()} at concurrency 1")
     return latencies
 
 
@@ -278,7 +283,7 @@ def main() -> None:
             one["p50_over_in_process_ms"] = one["p50_ms"] - result["in_process"]["p50_ms"]
             one["p99_over_in_process_ms"] = one["p99_ms"] - result["in_process"]["p99_ms"]
             result["concurrency_1"] = one
-            print(f"served at concurrency 1 ({one['requests']} calls on one connection): p50 {one['p50_ms']:.2f} ms, "
+            print(f"served at concurrency 1 ({one['requests']} calls, one at a time): p50 {one['p50_ms']:.2f} ms, "
                   f"p99 {one['p99_ms']:.2f} ms; {one['p50_over_in_process_ms']:+.2f} ms and "
                   f"{one['p99_over_in_process_ms']:+.2f} ms over in process; worker CPU "
                   f"{one['server_cpu_ms_per_request']:.2f} ms a call; load {one['load']:.2f}", flush=True)

@@ -64,7 +64,8 @@ async def drive(port: int, bodies: list[bytes] | None, concurrency: int, seconds
     "POST `bodies` (or GET, when None) to `path` from `concurrency` keep-alive connections; bounded in time and count."
     latencies, errors, sent = [], [], 0
 
-    async def request(reader, writer, body: bytes | None) -> int:
+    async def request(reader, writer, body: bytes | None) -> tuple[int, bool]:
+        "The answer's status, and whether the service closes the connection after it (serve.keepalive_requests)."
         if body is None:
             writer.write(b"GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" % path.encode())
         else:
@@ -72,13 +73,14 @@ async def drive(port: int, bodies: list[bytes] | None, concurrency: int, seconds
                          b"Content-Length: %d\r\n\r\n%s" % (path.encode(), len(body), body))
         await writer.drain()
         status = int((await reader.readline()).split()[1])
-        length = 0
+        length, close = 0, False
         while (line := await reader.readline()) not in (b"\r\n", b""):
             name, _, value = line.decode().partition(":")
             if name.lower() == "content-length":
                 length = int(value)
+            close |= name.lower() == "connection" and value.strip().lower() == "close"
         await reader.readexactly(length)
-        return status
+        return status, close
 
     async def client(reader, writer) -> None:
         nonlocal sent
@@ -87,7 +89,7 @@ async def drive(port: int, bodies: list[bytes] | None, concurrency: int, seconds
                 sent += 1
                 t0 = time.perf_counter()
                 try:
-                    status = await request(reader, writer, random.choice(bodies) if bodies else None)
+                    status, close = await request(reader, writer, random.choice(bodies) if bodies else None)
                 except (OSError, IndexError, ValueError, asyncio.IncompleteReadError) as exc:
                     errors.append(type(exc).__name__)
                     writer.close()
@@ -96,6 +98,9 @@ async def drive(port: int, bodies: list[bytes] | None, concurrency: int, seconds
                 latencies.append(time.perf_counter() - t0)
                 if status != 200:
                     errors.append(status)
+                if close:
+                    writer.close()
+                    reader, writer = await asyncio.open_connection("127.0.0.1", port)
         finally:
             writer.close()
 
