@@ -172,6 +172,9 @@ def monitor_production(cfg: dict, model_dir: str | Path = PRODUCTION_DIR, data_d
     figures = {"drift": drift_figures(train, period, start, end, cfg["reference_days"]),
                "decay": decay_figures(model, train, history, period, cfg["k"])[0]}
     if request_log is not None:
+        if not Path(request_log).exists():
+            raise ReelrankError(f"request log {request_log} not found: point --request-log (or "
+                                "REELRANK_REQUEST_LOG_DIR) at the service's log directory")
         figures["serving"] = serving_health(read_request_log(request_log))
     merged = {name: value for section in figures.values() for name, value in section.items()}
     report = {"model": str(model_dir), "period": _period(start, end), **figures,
