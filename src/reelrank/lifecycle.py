@@ -342,6 +342,7 @@ http {{
     upstream reelrank {{
         server 127.0.0.1:{backend};
         keepalive 32;
+        keepalive_timeout {idle}s;
     }}
     server {{
         listen 127.0.0.1:{port};
@@ -351,6 +352,7 @@ http {{
             proxy_set_header Connection "";
             proxy_set_header Host $host;
             proxy_read_timeout {timeout}s;
+            proxy_next_upstream error timeout non_idempotent;
         }}
     }}
 }}
@@ -420,8 +422,10 @@ def _start_backend(bento: str, run_dir: Path, env: dict, timeout: float) -> dict
 def _write_nginx_conf(run_dir: Path, port: int, backend: int, serve: dict) -> Path:
     (run_dir / "nginx-temp").mkdir(exist_ok=True)
     conf = run_dir / "nginx.conf"
+    # nginx must drop an idle connection to the bento before the bento does (serve.header_timeout_s), or it may
+    # send a request on a connection the bento is closing
     conf.write_text(NGINX_CONF.format(run=run_dir, port=port, backend=backend, max_body=serve["max_body_bytes"],
-                                      timeout=serve["timeout_s"] + 5))
+                                      timeout=serve["timeout_s"] + 5, idle=max(1, serve["header_timeout_s"] - 2)))
     return conf
 
 def _nginx_workers(master: int) -> set[int]:
