@@ -542,7 +542,7 @@ def error_response(status: int, message: str, headers: dict[str, str] | None = N
     return JSONResponse({"error": message}, status, headers)
 
 # a /recommend_batch answer's JSON in one pass: BentoML's own path for a list answer builds every answer as a dict
-# and then writes JSON of them, five to six times slower (a full batch: 0.9 s against 0.15 s of the event loop)
+# and then writes JSON of them, about five times slower (tests/benchmarks/bench_capacity.py times both)
 _BATCH_ANSWER = TypeAdapter(list[RecommendResponse])
 
 def json_answer(body: bytes):

@@ -9,7 +9,9 @@ serve.keepalive_requests calls); their p50 and p99 stand beside the same request
 in this process one at a time through the service's own path (`rank_requests` and the answer model, with the served
 torch threads): the model's own time. The difference is what HTTP, BentoML and the service add to one request. The
 worker's CPU milliseconds per call are reported too (less sensitive than latency to other work on the machine).
-The in-process rate of that run (requests a second, one at a time) is the reference of the capacity ratio.
+The in-process rate of that run (requests a second, one at a time) is the reference of the capacity ratio. Also in
+process: the seconds to write the JSON answer of a full /recommend_batch (1000 requests of a full history, k at its
+limit) through BentoML's answer path and through the service's own, which replaces it.
 
 Then open loop: requests leave on a fixed schedule (at rate r, one every 1/r s) whatever the answers, and each latency
 is measured from its scheduled time, so a server that falls behind is charged for the wait (no coordinated
@@ -222,7 +224,29 @@ def in_process(model_dir: Path, users: list[int], serve: dict) -> dict:
         _answer(rank_requests(engine, [request], serve["batching"]["max_batch_size"], Deadline(60))[0], info)
         latencies.append(time.perf_counter() - t0)
     return {"requests": len(requests), "per_s": len(requests) / (time.perf_counter() - started),
-            **percentiles(latencies), "load": os.getloadavg()[0]}
+            **percentiles(latencies), "load": os.getloadavg()[0], "full_batch_json": batch_json(engine, serve)}
+
+
+def batch_json(engine, serve: dict) -> dict:
+    "Seconds to write the JSON answer of a full /recommend_batch: BentoML's answer path against the service's own."
+    from _bentoml_impl.serde import JSONSerde
+
+    from reelrank.service import _BATCH_ANSWER, ModelInfo, Recommender, RecommendRequest, _answer, rank_requests
+
+    items = engine.catalog.item_ids
+    rng = random.Random(0)
+    requests = [RecommendRequest(history=rng.sample(items.tolist(), serve["max_history"]), k=serve["max_k"])
+                for _ in range(serve["max_batch"])]
+    info = ModelInfo(name="bench", version="0")
+    answers = [_answer(r, info) for r in rank_requests(engine, requests, serve["batching"]["max_batch_size"])]
+    started = time.perf_counter()
+    response = asyncio.run(Recommender.apis["recommend_batch"].output_spec.to_http_response(answers, JSONSerde()))
+    bentoml_bytes = len(b"".join(response.body_iterator))
+    bentoml_s = time.perf_counter() - started
+    started = time.perf_counter()
+    service_bytes = len(_BATCH_ANSWER.dump_json(answers))
+    return {"bentoml_s": bentoml_s, "service_s": time.perf_counter() - started, "bentoml_bytes": bentoml_bytes,
+            "service_bytes": service_bytes, "load": os.getloadavg()[0]}
 
 
 GROUPS = [  # (group, substrings of a frame), first match wins
@@ -274,6 +298,9 @@ def main() -> None:
     result["in_process"] = in_process(model_dir, sequence, serve)
     print(f"in process, one at a time: {result['in_process']['per_s']:.0f}/s "
           f"(p50 {result['in_process']['p50_ms']:.2f} ms, p99 {result['in_process']['p99_ms']:.2f} ms)", flush=True)
+    batch = result["in_process"]["full_batch_json"]
+    print(f"JSON of a full /recommend_batch answer: BentoML's answer path {batch['bentoml_s']:.2f} s, the service's "
+          f"{batch['service_s']:.2f} s (load {batch['load']:.2f})", flush=True)
     with tempfile.TemporaryDirectory(prefix="reelrank-capacity-") as tmp:
         work = Path(tmp)
         with serving_for_load(model_dir, serve, work) as (url, proc):
