@@ -542,7 +542,7 @@ def error_response(status: int, message: str, headers: dict[str, str] | None = N
     return JSONResponse({"error": message}, status, headers)
 
 # a /recommend_batch answer's JSON in one pass: BentoML's own path for a list answer builds every answer as a dict
-# and then writes JSON of them, about five times slower (tests/benchmarks/bench_capacity.py times both)
+# and then writes JSON of them, about six times slower (tests/benchmarks/bench_capacity.py times both)
 _BATCH_ANSWER = TypeAdapter(list[RecommendResponse])
 
 def json_answer(body: bytes):
