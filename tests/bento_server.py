@@ -87,3 +87,16 @@ def write_figures(path: str | Path, figures: dict) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(figures, indent=1, default=str) + "\n")
     print(f"wrote {out}")
+
+
+async def read_response(reader) -> tuple[int, bool]:
+    "Read one HTTP/1.1 answer from an asyncio stream: its status, and whether the server asked to close."
+    status = int((await reader.readline()).split()[1])
+    length, close = 0, False
+    while (line := await reader.readline()) not in (b"\r\n", b""):
+        name, _, value = line.decode().partition(":")
+        if name.lower() == "content-length":
+            length = int(value)
+        close |= name.lower() == "connection" and value.strip().lower() == "close"
+    await reader.readexactly(length)
+    return status, close

@@ -55,7 +55,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_overload import worker_cpu_seconds
-from bento_server import BIN, serving_for_load, write_figures
+from bento_server import BIN, read_response, serving_for_load, write_figures
 
 MAX_CONNECTIONS = 512
 RECOMMEND = b"POST /recommend HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
@@ -126,14 +126,7 @@ async def open_loop(port: int, bodies: list[bytes], rate: float, seconds: float)
         try:
             writer.write(RECOMMEND % len(body) + body)
             await writer.drain()
-            status = int((await reader.readline()).split()[1])
-            length, close = 0, False
-            while (line := await reader.readline()) not in (b"\r\n", b""):
-                name, _, value = line.decode().partition(":")
-                if name.lower() == "content-length":
-                    length = int(value)
-                close |= name.lower() == "connection" and value.strip().lower() == "close"
-            await reader.readexactly(length)
+            status, close = await read_response(reader)
         except (OSError, ValueError, IndexError, asyncio.IncompleteReadError) as error:
             failures[type(error).__name__] += 1
             close = True

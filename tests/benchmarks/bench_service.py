@@ -31,7 +31,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
-from bento_server import BIN, package, serving  # the tests' package-and-serve helpers
+from bento_server import BIN, package, read_response, serving  # the tests' package-and-serve helpers
 
 
 def summary(latencies_s: list[float], elapsed_s: float, n_requests: int) -> dict:
@@ -72,15 +72,7 @@ async def drive(port: int, bodies: list[bytes] | None, concurrency: int, seconds
             writer.write(b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                          b"Content-Length: %d\r\n\r\n%s" % (path.encode(), len(body), body))
         await writer.drain()
-        status = int((await reader.readline()).split()[1])
-        length, close = 0, False
-        while (line := await reader.readline()) not in (b"\r\n", b""):
-            name, _, value = line.decode().partition(":")
-            if name.lower() == "content-length":
-                length = int(value)
-            close |= name.lower() == "connection" and value.strip().lower() == "close"
-        await reader.readexactly(length)
-        return status, close
+        return await read_response(reader)
 
     async def client(reader, writer) -> None:
         nonlocal sent
