@@ -491,7 +491,11 @@ def test_the_scorer_takes_json_only(batched):
 
 
 def test_a_flood_of_full_batches_is_shed_not_timed_out(server):
-    "16 clients sending full batches for 6 s get 200s and 503s with Retry-After only, the 503s at once; no 504."
+    """16 clients sending full batches for 6 s get 200s and 503s with Retry-After only, the 503s fast; no 504.
+
+    'Fast' is relative to an answered batch in the same run (a 503 costs a fraction of one), so a loaded machine
+    slows both alike; bench_overload measures the absolute figures on a quiet machine.
+    """
     batch = json.dumps({"requests": [{"user_id": n % 60 + 1, "k": 10} for n in range(1000)]}).encode()
     end = time.monotonic() + 6
 
@@ -516,7 +520,7 @@ def test_a_flood_of_full_batches_is_shed_not_timed_out(server):
           f"(p50 {shed[len(shed) // 2] * 1000:.0f} ms, max {shed[-1] * 1000:.0f} ms)")
     assert statuses == [200, 503]
     assert all(retry_after == "1" for status, _, retry_after in answers if status == 503)
-    assert shed[len(shed) // 2] < 0.1
+    assert shed[len(shed) // 2] < served[len(served) // 2] / 3
     assert not server_errors(server)
 
 

@@ -31,6 +31,7 @@ from reelrank.tune import open_storage
 
 TOY_MODELS = '''
 import time
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -39,10 +40,11 @@ from reelrank.models.popularity import Popularity
 
 
 class Slow(Popularity):
-    "Popularity whose fit sleeps `seconds`: signals land inside a trial, and two workers both get trials."
+    "Popularity whose fit marks its start in FIT_STARTED and sleeps `seconds`: signals land inside a trial's fit."
     family = "slow"
 
     def fit(self, data, valid=None, context=None):
+        Path("FIT_STARTED").touch()
         time.sleep(self.params["seconds"])
         return super().fit(data, valid, context)
 
@@ -142,6 +144,17 @@ def wait_for_running_trial(url: str, name: str, proc: subprocess.Popen, after: i
     raise AssertionError("no trial started in time")
 
 
+def wait_for_fit(project: Path, proc: subprocess.Popen, timeout: float = 90) -> None:
+    "Wait until the worker's slow model is inside its fit (past composing the trial's config), then clear the mark."
+    mark = project / "FIT_STARTED"
+    deadline = time.monotonic() + timeout
+    while not mark.exists():
+        assert proc.poll() is None, f"worker exited early: {proc.communicate()}"
+        assert time.monotonic() < deadline, "no fit started in time"
+        time.sleep(0.05)
+    mark.unlink()
+
+
 def states(url: str, name: str) -> dict[str, int]:
     trials = load(url, name).get_trials()
     return {s: sum(t.state.name == s for t in trials) for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING")}
@@ -185,12 +198,14 @@ def test_rerun_after_ctrl_c_and_kill_resumes_the_study(project):
     command = ["tune", *SLOW, "sweep.n_trials=4"]
     worker = reelrank(project, *command)
     interrupted = wait_for_running_trial(url, "slow", worker)
+    wait_for_fit(project, worker)
     worker.send_signal(signal.SIGINT)
     assert "rerun the same command to resume" in finish(worker, expect=130)
     assert load(url, "slow").trials[interrupted.number].state.name == "FAIL"
 
     worker = reelrank(project, *command)
     killed = wait_for_running_trial(url, "slow", worker, after=interrupted.number)
+    wait_for_fit(project, worker)
     worker.kill()
     worker.wait()
     assert load(url, "slow").trials[killed.number].state.name == "RUNNING"  # the kill landed mid-trial
