@@ -9,10 +9,12 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from .core import ConfigError
 from .split import HoldOut, histories_matrix
 
 # %% auto #0
-__all__ = ['ScoreFn', 'topk_unseen', 'per_user_metrics', 'RankingResult', 'popularity_percentile', 'evaluate_ranking']
+__all__ = ['ScoreFn', 'topk_unseen', 'per_user_metrics', 'sample_users', 'RankingResult', 'popularity_percentile',
+           'evaluate_ranking']
 
 # %% ../../notebooks/03_metrics.ipynb #0c4fa1fb
 def topk_unseen(scores: torch.Tensor, seen: Sequence[np.ndarray] | None, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,16 +60,33 @@ def per_user_metrics(hits: torch.Tensor, n_relevant: torch.Tensor, k: int) -> di
             f"hit_rate@{k}": hits.any(1).double(),
             f"mrr@{k}": 1.0 / (first + 1.0)}
 
+# %% ../../notebooks/03_metrics.ipynb #62a6df87
+def sample_users(task: HoldOut, max_users: int | None, seed: int) -> tuple[np.ndarray, dict]:
+    """Positions in `task` of the users to evaluate (ascending) and a record of the draw: all users when `max_users`
+    is None or at least the task's users, else a uniform sample without replacement of `max_users`, drawn with `seed`."""
+    n_users = len(task.targets)
+    if max_users is not None and (isinstance(max_users, bool) or not isinstance(max_users, int) or max_users < 1):
+        raise ConfigError(f"eval.max_users must be a positive integer (users sampled per task) or null for every "
+                          f"user, got {max_users!r}")
+    if max_users is None or max_users >= n_users:
+        return np.arange(n_users), {"evaluated": n_users, "of": n_users, "sampled": False, "sample_seed": None}
+    rows = np.sort(np.random.default_rng(seed).choice(n_users, size=max_users, replace=False))
+    return rows, {"evaluated": max_users, "of": n_users, "sampled": True, "sample_seed": seed}
+
 # %% ../../notebooks/03_metrics.ipynb #33457873
 ScoreFn = Callable[[Sequence[np.ndarray]], torch.Tensor]
 
 @dataclass
 class RankingResult:
-    "Metric means, per-user metric values and top-k lists (catalog indices) of one evaluation."
+    """Metric means, per-user metric values and top-k lists (catalog indices) of one evaluation; `rows` are the
+    positions in the task of the evaluated users (the order of `per_user` and `top_items`), `users` how many of how
+    many were evaluated and whether they were a sample."""
     metrics: dict[str, float]
     per_user: dict[str, np.ndarray] = field(repr=False)
     top_items: np.ndarray = field(repr=False)
     top_scores: np.ndarray = field(repr=False)
+    rows: np.ndarray = field(repr=False)
+    users: dict
 
 def popularity_percentile(item_counts: np.ndarray) -> torch.Tensor:
     "Each item's popularity percentile in [0, 100] (ties share their mean rank)."
@@ -77,10 +96,15 @@ def popularity_percentile(item_counts: np.ndarray) -> torch.Tensor:
 
 def evaluate_ranking(score_fn: ScoreFn, task: HoldOut, n_items: int, item_counts: np.ndarray,
                      cutoffs: Sequence[int] = (5, 10, 20, 50), k_save: int = 100,
-                     batch_size: int = 512) -> RankingResult:
-    "Rank the full catalog for every user of `task` (seen items excluded) and compute the metrics."
-    k_max = min(max(*cutoffs, k_save), n_items)
+                     batch_size: int = 512, max_users: int | None = None, sample_seed: int = 0) -> RankingResult:
+    """Rank the full catalog for every user of `task` (seen items excluded), or for a `sample_users` sample of
+    `max_users` of them, and compute the metrics."""
+    rows, users = sample_users(task, max_users, sample_seed)
     histories = task.histories.histories
+    targets = task.targets
+    if users["sampled"]:
+        histories, targets = [histories[row] for row in rows], [targets[row] for row in rows]
+    k_max = min(max(*cutoffs, k_save), n_items)
     percentile = popularity_percentile(item_counts)
     tops, values, per_user = [], [], {}
     for start in range(0, len(histories), batch_size):
@@ -88,7 +112,7 @@ def evaluate_ranking(score_fn: ScoreFn, task: HoldOut, n_items: int, item_counts
         with torch.no_grad():
             scores = score_fn(batch)
         top_values, top = topk_unseen(scores, batch, k_max)
-        target = torch.as_tensor(histories_matrix(task.targets[start:start + batch_size], n_items).toarray(),
+        target = torch.as_tensor(histories_matrix(targets[start:start + batch_size], n_items).toarray(),
                                  dtype=torch.bool)
         hits = torch.gather(target, 1, top.clamp(min=0)) & (top >= 0)
         for k in cutoffs:
@@ -105,4 +129,4 @@ def evaluate_ranking(score_fn: ScoreFn, task: HoldOut, n_items: int, item_counts
         metrics[f"coverage@{k}"] = float(len(np.unique(recommended)) / n_items)
         metrics[f"popularity@{k}"] = float(percentile[recommended].mean()) if recommended.size else float("nan")
     metrics["n_users"] = len(histories)
-    return RankingResult(metrics, per_user, top_items, torch.cat(values).numpy())
+    return RankingResult(metrics, per_user, top_items, torch.cat(values).numpy(), rows, users)

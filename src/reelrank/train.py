@@ -26,7 +26,7 @@ log = get_logger("reelrank.train")
 # %% auto #0
 __all__ = ['log', 'HEADLINE_METRICS', 'expand_grid', 'score_task', 'per_user_frame', 'fit_model', 'seeds_for', 'seed_path',
            'seed_mean', 'is_rank_zero', 'fit_stage', 'recommendations_frame', 'metrics_at_k', 'headline',
-           'per_seed_values', 'evaluate_stage', 'main']
+           'users_scored', 'per_seed_values', 'evaluate_stage', 'main']
 
 # %% ../../notebooks/05_train.ipynb #982c72e0
 def expand_grid(params: dict, grid: dict | None) -> list[dict]:
@@ -40,21 +40,24 @@ def expand_grid(params: dict, grid: dict | None) -> list[dict]:
 
 # %% ../../notebooks/05_train.ipynb #a4808f85
 def score_task(model: Recommender, task: HoldOut, fitting: Interactions, eval_cfg: dict) -> RankingResult:
-    "Evaluate `model` on `task` with the eval config's cutoffs."
+    """Evaluate `model` on `task` with the eval config's cutoffs, on every user or, with `max_users`, on a sample
+    drawn with `sample_seed` (a config without them, as in the examples, scores every user)."""
     return evaluate_ranking(model.score, task, model.catalog.n_items,
                             fitting.item_counts(model.catalog.n_items), cutoffs=eval_cfg["cutoffs"],
-                            k_save=eval_cfg["save_k"], batch_size=eval_cfg["batch_size"])
+                            k_save=eval_cfg["save_k"], batch_size=eval_cfg["batch_size"],
+                            max_users=eval_cfg.get("max_users"), sample_seed=eval_cfg.get("sample_seed", 0))
 
 def per_user_frame(result: RankingResult, task: HoldOut) -> pd.DataFrame:
-    "The per-user metric values of an evaluation, one row per user (raw user_id), one column per metric."
-    return pd.DataFrame(result.per_user).assign(user_id=task.histories.user_ids)[
+    "The per-user metric values of an evaluation, one row per evaluated user (raw user_id), one column per metric."
+    return pd.DataFrame(result.per_user).assign(user_id=task.histories.user_ids[result.rows])[
         ["user_id", *sorted(result.per_user)]]
 
 # %% ../../notebooks/05_train.ipynb #07fb61c0
 def fit_model(name: str, model_cfg: dict, trainer: dict, eval_cfg: dict, seed: int, split: SplitData,
               log_dir: Path | None = None, checkpoint_dir: Path | None = None) -> tuple[Recommender, dict]:
     """Choose the best grid candidate on val, refit it on train + val; returns the refit model and a fit report,
-    whose `val_per_user` (a DataFrame, not JSON) holds the chosen candidate's val metrics per user."""
+    whose `val_per_user` (a DataFrame, not JSON) holds the chosen candidate's val metrics per user and `val_users`
+    how many val users were scored (every candidate is scored on the same ones)."""
     train, valid = split.fitting(["train"]), split.holdout("val")
     candidates = expand_grid(model_cfg.get("params") or {}, model_cfg.get("grid"))
     tried, per_user = [], []
@@ -82,7 +85,8 @@ def fit_model(name: str, model_cfg: dict, trainer: dict, eval_cfg: dict, seed: i
         split.fitting(["train", "val"]), None, FitContext(trainer, seed))
     report = {"model": name, "family": model_cfg["family"], "seed": seed, "params": best["refit_params"],
               "val": best["val"], "fit_seconds": best["fit_seconds"],
-              "refit_seconds": time.perf_counter() - started, "candidates": tried, "val_per_user": per_user[chosen]}
+              "refit_seconds": time.perf_counter() - started, "candidates": tried, "val_per_user": per_user[chosen],
+              "val_users": scored.users}
     return refit, report
 
 def seeds_for(family: str, seeds: list[int]) -> list[int]:
@@ -137,6 +141,7 @@ def fit_stage(name: str, params_path: str | Path = "params.yaml", split_dir: str
                             ignore_index=True), logs / "val_per_user.parquet")
     summary = {"model": name, "family": model_cfg["family"], "params": reports[0]["params"], "seeds": seeds,
                "val": seed_mean(reports, "val"),
+               "val_users": reports[0]["val_users"],
                **{key: float(np.mean([report[key] for report in reports])) for key in ("fit_seconds", "refit_seconds")},
                "per_seed": reports}
     write_json(logs / "fit.json", summary)
@@ -147,11 +152,11 @@ def fit_stage(name: str, params_path: str | Path = "params.yaml", split_dir: str
 HEADLINE_METRICS = ("ndcg@10", "recall@20", "hit_rate@10", "mrr@10")
 
 def recommendations_frame(result: RankingResult, task: HoldOut, model: Recommender) -> pd.DataFrame:
-    "Top-k lists as (user_id, rank, item_id, score) with raw ids; rank starts at 1."
+    "Top-k lists of the evaluated users as (user_id, rank, item_id, score) with raw ids; rank starts at 1."
     n_users, k = result.top_items.shape
     valid = result.top_items >= 0
     item_ids = np.where(valid, model.catalog.item_ids[np.clip(result.top_items, 0, None)], -1)
-    frame = pd.DataFrame({"user_id": np.repeat(task.histories.user_ids, k),
+    frame = pd.DataFrame({"user_id": np.repeat(task.histories.user_ids[result.rows], k),
                           "rank": np.tile(np.arange(1, k + 1, dtype=np.int16), n_users),
                           "item_id": item_ids.ravel(), "score": result.top_scores.ravel().astype(np.float32)})
     return frame[valid.ravel()].reset_index(drop=True)
@@ -166,6 +171,12 @@ def headline(metrics: dict) -> dict:
     return {"val": {"ndcg@10": metrics["val"]["ndcg@10"]},
             "test": {name: metrics["test"][name] for name in HEADLINE_METRICS}}
 
+def users_scored(users: dict) -> str:
+    "How many users an evaluation scored, in words: `671 users`, or `1,000 sampled of 162,541 users (seed 0)`."
+    if users["sampled"]:
+        return f"{users['evaluated']:,} sampled of {users['of']:,} users (seed {users['sample_seed']})"
+    return f"{users['of']:,} users"
+
 def per_seed_values(reports: list[dict], part: str) -> dict[str, list[float]]:
     "Each metric's value for every seed, in seed order."
     return {name: [report[part][name] for report in reports] for name in reports[0][part]}
@@ -176,7 +187,8 @@ def evaluate_stage(name: str, params_path: str | Path = "params.yaml", split_dir
     """The DVC evaluate@<name> stage: test metrics of the refit model of every seed the fit stage used
     (`metrics/`: the seed mean of every metric, each seed's values and 95% intervals over users of the seed-mean;
     `headline/`, the few `dvc metrics` shows; `at_k/`, by cutoff for `dvc plots`), every user's seed-mean val and
-    test metrics (`per_user/`) and the test users' top-k lists of the first seed's model."""
+    test metrics (`per_user/`) and the test users' top-k lists of the first seed's model; with `eval.max_users`,
+    all of it for the sampled users only, and `users` (in the metrics and the per-user metadata) says so."""
     eval_cfg = load_params(["eval"], params_path)["eval"]
     split = SplitData.load(split_dir)
     fit_report = read_json(Path(training_dir) / name / "fit.json")
@@ -201,7 +213,9 @@ def evaluate_stage(name: str, params_path: str | Path = "params.yaml", split_dir
                "val": fit_report["val"], "test": test, "interval": {"level": CONFIDENCE, **intervals},
                "seeds": {"seeds": seeds, "val": per_seed_values(fit_report["per_seed"], "val"),
                          "test": per_seed_values(test_reports, "test")},
+               "users": {"val": fit_report["val_users"], "test": first_result.users},
                "fit_seconds": fit_report["fit_seconds"], "refit_seconds": fit_report["refit_seconds"]}
+    per_user.attrs["users"] = metrics["users"]
     reports_dir = Path(reports_dir)
     with atomic_output(reports_dir / "per_user" / f"{name}.parquet") as tmp:
         write_parquet(per_user[["part", *per_user.columns.drop("part")]], tmp)
@@ -211,7 +225,8 @@ def evaluate_stage(name: str, params_path: str | Path = "params.yaml", split_dir
         metrics_at_k(test, eval_cfg["cutoffs"]).to_csv(tmp, index=False, float_format="%.6f")
     write_json(reports_dir / "metrics" / f"{name}.json", metrics)
     write_json(reports_dir / "headline" / f"{name}.json", headline(metrics))
-    log.info("%s test ndcg@10 %.4f (mean of %d seeds)", name, test["ndcg@10"], len(seeds))
+    log.info("%s test ndcg@10 %.4f (mean of %d seeds) over %s", name, test["ndcg@10"], len(seeds),
+             users_scored(first_result.users))
     return metrics
 
 # %% ../../notebooks/05_train.ipynb #b9a8821f
