@@ -81,7 +81,7 @@ def test_template_runs_alone_from_the_command_line(smoke_project, tmp_path):
     for name, folder in (("processed_dir", "data/processed"), ("metrics_dir", "reports/metrics"),
                          ("recommendations_dir", "reports/recommendations"), ("training_dir", "reports/training"),
                          ("tuning_dir", "reports/tuning"), ("selected_dir", "models/selected"),
-                         ("baseline_dir", "reports/baseline")):
+                         ("baseline_dir", "reports/baseline"), ("lifecycle_dir", "reports/lifecycle")):
         args += ["-p", name, str(smoke_project / folder)]
     started = time.perf_counter()
     run(args, tmp_path)

@@ -109,10 +109,11 @@ def check_regression(current: dict[str, dict[str, float]], baseline: dict) -> pd
 
 # %% ../../notebooks/11_report.ipynb #15cd97b8
 REPORT_KEYS = {"template", "notebook", "html", "execution_timeout", "parameters"}
-# input folders the template needs, with the stage that writes each; tuning results and baselines are optional
+# input folders the template needs, with the stage that writes each; tuning results, baselines and the lifecycle
+# replay (reelrank replay) are optional
 REQUIRED_INPUTS = {"processed_dir": "split", "metrics_dir": "evaluate", "headline_dir": "evaluate",
                    "recommendations_dir": "evaluate", "training_dir": "fit", "selected_dir": "select"}
-OPTIONAL_INPUTS = ("tuning_dir", "baseline_dir")
+OPTIONAL_INPUTS = ("tuning_dir", "baseline_dir", "lifecycle_dir")
 
 def check_report_config(cfg: dict, profile: str, models: Sequence[str]) -> dict:
     "Validate the report section; return the full parameter dict for the template."
