@@ -3,25 +3,44 @@
 # %% ../../../notebooks/04c_models_ease.ipynb #6cf81754
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from collections.abc import Sequence
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..core import ConfigError, get_logger
 from .base import Recommender
 from ..split import Interactions
 
+log = get_logger("reelrank.models.ease")
+
 # %% auto #0
-__all__ = ['ease_weights', 'EASE']
+__all__ = ['log', 'DENSE_MATRICES', 'GRAM_BLOCK_ENTRIES', 'ease_weights', 'available_memory', 'check_memory', 'popular_items',
+           'EASE']
 
 # %% ../../../notebooks/04c_models_ease.ipynb #82ddae65
-def ease_weights(gram: torch.Tensor, l2: float) -> torch.Tensor:
-    "EASE^R item-item weights from the Gram matrix XᵀX (modified in place to save memory)."
+DENSE_MATRICES = 2      # n_items² float32 matrices alive at once in `ease_weights`: G and its factor, then the factor and P
+GRAM_BLOCK_ENTRIES = 2**25  # entries of one block of G's rows computed as a sparse product (~400 MB at worst)
+
+def ease_weights(x: sp.csr_matrix, l2: float) -> torch.Tensor:
+    "EASE^R item-item weights for the binary user x item matrix `x`."
+    n_items = x.shape[1]
+    items_by_users = x.T.tocsr()
+    gram = np.empty((n_items, n_items), dtype=np.float32)
+    block = max(1, GRAM_BLOCK_ENTRIES // max(n_items, 1))
+    for start in range(0, n_items, block):
+        gram[start:start + block] = (items_by_users[start:start + block] @ x).toarray()
+    del items_by_users
+    gram = torch.from_numpy(gram)
     gram.diagonal().add_(l2)
-    inverse = torch.cholesky_inverse(torch.linalg.cholesky(gram))
+    factor = torch.linalg.cholesky(gram)
     del gram
+    inverse = torch.cholesky_inverse(factor)
+    del factor
     # LAPACK hands the inverse back column-major; it is symmetric, so its transpose is the same matrix laid out row
     # by row, which `embedding_bag` (one row per history item) reads ~100x faster than a column-major one
     if not inverse.is_contiguous():
@@ -30,24 +49,91 @@ def ease_weights(gram: torch.Tensor, l2: float) -> torch.Tensor:
     weights.diagonal().zero_()
     return weights
 
+def available_memory() -> int | None:
+    "Bytes the kernel can hand out without swapping (`MemAvailable` of /proc/meminfo); None where there is no /proc."
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except FileNotFoundError:
+        return None
+    return None
+
+def check_memory(n_items: int, max_items: int | None, available: int | None) -> None:
+    "Refuse a fit over `n_items` whose dense matrices need more than `available` bytes, naming `max_items`."
+    needed = DENSE_MATRICES * 4 * n_items**2
+    if available is None or needed <= available:
+        return
+    fitting = int(math.sqrt(available / (DENSE_MATRICES * 4))) // 1000 * 1000
+    raise ConfigError(f"EASE^R over {n_items:,} items needs about {needed / 1e9:.1f} GB for its dense item x item "
+                      f"matrices ({DENSE_MATRICES} of {n_items:,}² float32 at once), more than the "
+                      f"{available / 1e9:.1f} GB this machine has available (max_items: {max_items or 'null'}): set the "
+                      f"model's params.max_items (e.g. models.ease.params.max_items={fitting}) to keep only the "
+                      f"most popular items")
+
+def popular_items(item_counts: np.ndarray, max_items: int) -> np.ndarray:
+    "The `max_items` items with the most users (ties: the lower index), in index order."
+    return np.sort(np.argsort(-item_counts, kind="stable")[:max_items])
+
 class EASE(Recommender):
-    "EASE^R: scores = history row x B."
+    "EASE^R: scores = history row x B, over every item or the `max_items` most popular."
     family = "ease"
+    default_params = {"l2": 500.0, "max_items": None}
+
+    def __init__(self, catalog, params: dict | None = None):
+        super().__init__(catalog, params)
+        max_items = self.params["max_items"]
+        if max_items is not None and (isinstance(max_items, bool) or not isinstance(max_items, int) or max_items < 1):
+            raise ConfigError(f"EASE^R max_items must be a positive integer (items kept) or null for every item, "
+                              f"got {max_items!r}")
+        self.kept: np.ndarray | None = None
 
     def fit(self, data: Interactions, valid=None, context=None) -> EASE:
-        x = data.matrix(self.catalog.n_items)
-        gram = torch.from_numpy((x.T @ x).toarray().astype(np.float32))
-        self.weights = ease_weights(gram, float(self.params.get("l2", 500.0)))
+        n_items, max_items = self.catalog.n_items, self.params["max_items"]
+        x = data.matrix(n_items)
+        self.keep(popular_items(data.item_counts(n_items), max_items)
+                  if max_items is not None and max_items < n_items else None)
+        if self.kept is not None:
+            x = x[:, self.kept]
+            log.info("EASE^R keeps the %s most popular of %s items (max_items = %d); the other %s are never "
+                     "recommended by it", f"{len(self.kept):,}", f"{n_items:,}", max_items,
+                     f"{n_items - len(self.kept):,}")
+        check_memory(x.shape[1], max_items, available_memory())
+        self.weights = ease_weights(x, float(self.params["l2"]))
         return self
 
-    def score(self, histories: Sequence[np.ndarray]) -> torch.Tensor:
+    def keep(self, kept: np.ndarray | None) -> None:
+        "Model only the items `kept` (None: all), with each catalog item's row of B (-1: not kept)."
+        self.kept = kept
+        if kept is not None:
+            self.row_of = np.full(self.catalog.n_items, -1, dtype=np.int64)
+            self.row_of[kept] = np.arange(len(kept))
+
+    def bag_sums(self, histories: Sequence[np.ndarray]) -> torch.Tensor:
         "Each history's sum of B's rows, one bag per history (every row summed on its own, whatever the batch)."
         flat = torch.as_tensor(np.concatenate(histories), dtype=torch.long)
         offsets = torch.as_tensor(np.cumsum([0] + [len(h) for h in histories[:-1]]), dtype=torch.long)
         return torch.nn.functional.embedding_bag(flat, self.weights, offsets, mode="sum")
 
+    def score(self, histories: Sequence[np.ndarray]) -> torch.Tensor:
+        "Scores of every item for each history; with a cap, the items not kept score -inf and kept ones ignore them."
+        if self.kept is None:
+            return self.bag_sums(histories)
+        rows = [self.row_of[np.asarray(h, dtype=np.int64)] for h in histories]
+        scores = torch.full((len(histories), self.catalog.n_items), -torch.inf)
+        return scores.index_copy_(1, torch.as_tensor(self.kept), self.bag_sums([r[r >= 0] for r in rows]))
+
     def save_weights(self, directory: Path) -> None:
-        save_file({"weights": self.weights.contiguous()}, str(Path(directory) / "ease.safetensors"))
+        tensors = {"weights": self.weights.contiguous()}
+        if self.kept is not None:
+            tensors["kept"] = torch.as_tensor(self.kept)
+        save_file(tensors, str(Path(directory) / "ease.safetensors"))
 
     def load_weights(self, directory: Path) -> None:
-        self.weights = load_file(str(Path(directory) / "ease.safetensors"))["weights"]
+        tensors = load_file(str(Path(directory) / "ease.safetensors"))
+        self.weights = tensors["weights"]
+        self.keep(tensors["kept"].numpy() if "kept" in tensors else None)
+
+    def describe(self) -> dict:
+        return {**super().describe(), "modelled_items": self.catalog.n_items if self.kept is None else len(self.kept)}
