@@ -27,7 +27,9 @@ from conftest import project_env
 
 
 def run(cmd: list[str], cwd: Path) -> None:
-    proc = subprocess.run(cmd, cwd=cwd, env=project_env(), text=True, capture_output=True, check=False)
+    "Run `cmd` in the clone `cwd`, importing reelrank from the clone's src (the venv's editable install is this checkout's)."
+    env = {**project_env(), "PYTHONPATH": str(cwd / "src")}
+    proc = subprocess.run(cmd, cwd=cwd, env=env, text=True, capture_output=True, check=False)
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
 
@@ -55,7 +57,7 @@ def main() -> None:
     shutil.rmtree(project, ignore_errors=True)
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                             check=True).stdout.strip()
-    run(["git", "clone", "--quiet", str(ROOT), str(project)], work)
+    subprocess.run(["git", "clone", "--quiet", str(ROOT), str(project)], check=True)
     load_before = os.getloadavg()
     started = time.perf_counter()
     run([sys.executable, "-m", "reelrank.core", "profile=quality"], project)
