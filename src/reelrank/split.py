@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import tempfile
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -14,11 +15,12 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from .core import DataError, atomic_output, get_logger, load_params, run_cli, write_parquet
+from .core import ConfigError, DataError, atomic_output, get_logger, load_params, run_cli, write_parquet
 
 # %% auto #0
-__all__ = ['SPLIT_COLUMNS', 'PARTS', 'implicit_positives', 'temporal_split', 'Catalog', 'Interactions', 'histories_matrix',
-           'HoldOut', 'SplitData', 'split_stage', 'main']
+__all__ = ['SPLIT_COLUMNS', 'PARTS', 'SPLIT_QUERY', 'PART_QUERY', 'ENGINE_KEYS', 'implicit_positives', 'temporal_split',
+           'Catalog', 'Interactions', 'histories_matrix', 'HoldOut', 'SplitData', 'split_query', 'duckdb_split',
+           'split_stage', 'main']
 
 # %% ../../notebooks/02_split.ipynb #259545ee
 SPLIT_COLUMNS = ["user_id", "item_id", "timestamp", "rating"]
@@ -176,22 +178,105 @@ class SplitData:
         targets = Interactions.from_frame(self.frames[target], self.catalog, users).histories
         return HoldOut(histories, targets)
 
+# %% ../../notebooks/02_split.ipynb #80de528a
+SPLIT_QUERY = """
+WITH latest AS (
+    SELECT user_id, item_id, timestamp, rating,
+           ROW_NUMBER() OVER (PARTITION BY user_id, item_id ORDER BY timestamp DESC, file_row DESC) AS recency
+    FROM interactions
+),
+positives AS (
+    SELECT user_id, item_id, timestamp, rating,
+           ROW_NUMBER() OVER (PARTITION BY user_id ORDER BY timestamp, item_id) - 1 AS place,
+           COUNT(*) OVER (PARTITION BY user_id) AS user_rows
+    FROM latest
+    WHERE recency = 1
+),
+held_out AS (
+    SELECT user_id, item_id, timestamp, rating, place, user_rows,
+           CASE WHEN user_rows >= {min_interactions}
+                THEN GREATEST(1, CAST(FLOOR(CAST(user_rows AS DOUBLE) * CAST({holdout_fraction} AS DOUBLE) + 0.5)
+                                      AS BIGINT))
+                ELSE 0 END AS n_hold
+    FROM positives
+)
+SELECT user_id, item_id, timestamp, rating,
+       CASE WHEN place >= user_rows - n_hold THEN 'test'
+            WHEN place >= user_rows - 2 * n_hold THEN 'val'
+            ELSE 'train' END AS part
+FROM held_out
+"""
+PART_QUERY = """
+SELECT user_id, item_id, timestamp, rating FROM split_rows WHERE part = '{part}' ORDER BY user_id, timestamp, item_id
+"""
+ENGINE_KEYS = ("memory_limit", "threads", "temp_directory")
+
+def split_query(holdout_fraction: float, min_interactions: int) -> str:
+    "The portable SQL that labels each row of `interactions` (with its `file_row`) train, val or test."
+    if isinstance(holdout_fraction, bool) or not isinstance(holdout_fraction, (int, float)) \
+            or not 0 < holdout_fraction < 0.5:
+        raise ConfigError(f"split.holdout_fraction must be a number in (0, 0.5), got {holdout_fraction!r}")
+    if isinstance(min_interactions, bool) or not isinstance(min_interactions, int) or min_interactions < 1:
+        raise ConfigError(f"split.min_interactions must be a positive integer, got {min_interactions!r}")
+    return SPLIT_QUERY.format(holdout_fraction=repr(float(holdout_fraction)), min_interactions=min_interactions)
+
+def _sql_string(value: str | Path) -> str:
+    return "'" + str(value).replace("'", "''") + "'"
+
+def _connect(database: Path, scratch: Path, engine: dict) -> duckdb.DuckDBPyConnection:
+    "A DuckDB connection with the `split.engine` settings, spilling into `scratch`."
+    import duckdb  # here, not at the top: the service imports this module for `Catalog`, and its bento has no DuckDB
+
+    unknown = sorted(set(engine) - set(ENGINE_KEYS))
+    if unknown:
+        raise ConfigError(f"split.engine has unknown key(s) {unknown}; keys are: {', '.join(ENGINE_KEYS)}")
+    settings = {key: engine[key] for key in ("memory_limit", "threads") if engine.get(key) is not None}
+    try:
+        return duckdb.connect(str(database), config={**settings, "temp_directory": str(scratch),
+                                                     "preserve_insertion_order": False})
+    except duckdb.Error as exc:
+        raise ConfigError(f"split.engine {settings} rejected by DuckDB: {exc}") from None
+
+def duckdb_split(interactions_path: str | Path, out_dir: str | Path, cfg: dict) -> dict[str, int]:
+    """Write `train/val/test.parquet` into the existing folder `out_dir` from the interactions Parquet file, with the
+    `split` config `cfg` (its optional `engine` section sets DuckDB's memory); returns the row count of each part."""
+    import duckdb  # see `_connect`
+
+    query = split_query(cfg["holdout_fraction"], cfg["min_interactions"])
+    interactions_path, out_dir, engine = Path(interactions_path), Path(out_dir), cfg.get("engine") or {}
+    if not interactions_path.exists():
+        raise DataError(f"{interactions_path} not found: run the validate stage first")
+    scratch_parent = Path(engine.get("temp_directory") or out_dir.resolve().parent)
+    scratch_parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".split-spill-", dir=scratch_parent) as scratch:
+        with _connect(Path(scratch) / "split.duckdb", Path(scratch), engine) as con:
+            try:
+                con.execute("CREATE VIEW interactions AS SELECT user_id, item_id, timestamp, rating, "
+                            f"file_row_number AS file_row FROM read_parquet({_sql_string(interactions_path)}, "
+                            "file_row_number = true)")
+                con.execute(f"CREATE TABLE split_rows AS {query}")
+                return {part: con.execute(f"COPY ({PART_QUERY.format(part=part)}) TO "
+                                          f"{_sql_string(out_dir / f'{part}.parquet')} "
+                                          "(FORMAT parquet, COMPRESSION zstd)").fetchone()[0]
+                        for part in PARTS}
+            except duckdb.OutOfMemoryException as exc:
+                raise DataError(f"the split ran out of memory: raise split.engine.memory_limit or give "
+                                f"split.engine.temp_directory more room ({exc})") from None
+            except duckdb.Error as exc:
+                raise DataError(f"cannot split {interactions_path}: {exc}") from None
+
 # %% ../../notebooks/02_split.ipynb #16000f75
 def split_stage(cfg: dict, in_dir: str | Path = "data/interim", out_dir: str | Path = "data/processed") -> dict:
-    "Run the split stage; returns the row count of each part."
+    "Run the split stage (DuckDB, out of core); returns the row count of each part."
     in_dir = Path(in_dir)
     try:
-        interactions = pd.read_parquet(in_dir / "interactions.parquet")
         items = pd.read_parquet(in_dir / "items.parquet")
     except (OSError, ValueError) as exc:
         raise DataError(f"cannot read validated data in {in_dir}: {exc}") from None
-    parts = temporal_split(interactions, cfg["holdout_fraction"], cfg["min_interactions"])
     with atomic_output(out_dir) as tmp:
         tmp.mkdir()
-        for name, frame in parts.items():
-            write_parquet(frame, tmp / f"{name}.parquet")
+        counts = duckdb_split(in_dir / "interactions.parquet", tmp, cfg)
         write_parquet(items.sort_values("item_id").reset_index(drop=True), tmp / "items.parquet")
-    counts = {name: len(frame) for name, frame in parts.items()}
     get_logger("reelrank.split").info("split %s", counts)
     return counts
 
