@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -16,6 +17,9 @@ import scipy.sparse as sp
 import torch
 
 from .core import ConfigError, DataError, atomic_output, get_logger, load_params, run_cli, write_parquet
+
+if TYPE_CHECKING:  # for annotations only; `_connect` says why DuckDB is imported where it is used
+    import duckdb
 
 # %% auto #0
 __all__ = ['SPLIT_COLUMNS', 'PARTS', 'SPLIT_QUERY', 'PART_QUERY', 'ENGINE_KEYS', 'implicit_positives', 'temporal_split',
@@ -248,22 +252,22 @@ def duckdb_split(interactions_path: str | Path, out_dir: str | Path, cfg: dict) 
         raise DataError(f"{interactions_path} not found: run the validate stage first")
     scratch_parent = Path(engine.get("temp_directory") or out_dir.resolve().parent)
     scratch_parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".split-spill-", dir=scratch_parent) as scratch:
-        with _connect(Path(scratch) / "split.duckdb", Path(scratch), engine) as con:
-            try:
-                con.execute("CREATE VIEW interactions AS SELECT user_id, item_id, timestamp, rating, "
-                            f"file_row_number AS file_row FROM read_parquet({_sql_string(interactions_path)}, "
-                            "file_row_number = true)")
-                con.execute(f"CREATE TABLE split_rows AS {query}")
-                return {part: con.execute(f"COPY ({PART_QUERY.format(part=part)}) TO "
-                                          f"{_sql_string(out_dir / f'{part}.parquet')} "
-                                          "(FORMAT parquet, COMPRESSION zstd)").fetchone()[0]
-                        for part in PARTS}
-            except duckdb.OutOfMemoryException as exc:
-                raise DataError(f"the split ran out of memory: raise split.engine.memory_limit or give "
-                                f"split.engine.temp_directory more room ({exc})") from None
-            except duckdb.Error as exc:
-                raise DataError(f"cannot split {interactions_path}: {exc}") from None
+    with (tempfile.TemporaryDirectory(prefix=".split-spill-", dir=scratch_parent) as scratch,
+          _connect(Path(scratch) / "split.duckdb", Path(scratch), engine) as con):
+        try:
+            con.execute("CREATE VIEW interactions AS SELECT user_id, item_id, timestamp, rating, "
+                        f"file_row_number AS file_row FROM read_parquet({_sql_string(interactions_path)}, "
+                        "file_row_number = true)")
+            con.execute(f"CREATE TABLE split_rows AS {query}")
+            return {part: con.execute(f"COPY ({PART_QUERY.format(part=part)}) TO "
+                                      f"{_sql_string(out_dir / f'{part}.parquet')} "
+                                      "(FORMAT parquet, COMPRESSION zstd)").fetchone()[0]
+                    for part in PARTS}
+        except duckdb.OutOfMemoryException as exc:
+            raise DataError(f"the split ran out of memory: raise split.engine.memory_limit or give "
+                            f"split.engine.temp_directory more room ({exc})") from None
+        except duckdb.Error as exc:
+            raise DataError(f"cannot split {interactions_path}: {exc}") from None
 
 # %% ../../notebooks/02_split.ipynb #16000f75
 def split_stage(cfg: dict, in_dir: str | Path = "data/interim", out_dir: str | Path = "data/processed") -> dict:
