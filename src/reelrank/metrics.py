@@ -13,7 +13,7 @@ from .core import ConfigError
 from .split import HoldOut, histories_matrix
 
 # %% auto #0
-__all__ = ['ScoreFn', 'topk_unseen', 'per_user_metrics', 'sample_users', 'RankingResult', 'popularity_percentile',
+__all__ = ['ScoreFn', 'topk_unseen', 'per_user_metrics', 'users_to_evaluate', 'RankingResult', 'popularity_percentile',
            'evaluate_ranking']
 
 # %% ../../notebooks/03_metrics.ipynb #0c4fa1fb
@@ -61,7 +61,7 @@ def per_user_metrics(hits: torch.Tensor, n_relevant: torch.Tensor, k: int) -> di
             f"mrr@{k}": 1.0 / (first + 1.0)}
 
 # %% ../../notebooks/03_metrics.ipynb #62a6df87
-def sample_users(task: HoldOut, max_users: int | None, seed: int) -> tuple[np.ndarray, dict]:
+def users_to_evaluate(task: HoldOut, max_users: int | None, seed: int) -> tuple[np.ndarray, dict]:
     """Positions in `task` of the users to evaluate (ascending) and a record of the draw: all users when `max_users`
     is None or at least the task's users, else a uniform sample without replacement of `max_users`, drawn with `seed`."""
     n_users = len(task.targets)
@@ -97,9 +97,9 @@ def popularity_percentile(item_counts: np.ndarray) -> torch.Tensor:
 def evaluate_ranking(score_fn: ScoreFn, task: HoldOut, n_items: int, item_counts: np.ndarray,
                      cutoffs: Sequence[int] = (5, 10, 20, 50), k_save: int = 100,
                      batch_size: int = 512, max_users: int | None = None, sample_seed: int = 0) -> RankingResult:
-    """Rank the full catalog for every user of `task` (seen items excluded), or for a `sample_users` sample of
+    """Rank the full catalog for every user of `task` (seen items excluded), or for a `users_to_evaluate` sample of
     `max_users` of them, and compute the metrics."""
-    rows, users = sample_users(task, max_users, sample_seed)
+    rows, users = users_to_evaluate(task, max_users, sample_seed)
     histories = task.histories.histories
     targets = task.targets
     if users["sampled"]:
