@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -14,13 +15,13 @@ from safetensors.torch import load_file, save_file
 
 from ..core import ConfigError, get_logger
 from .base import Recommender
-from ..split import Interactions
+from ..split import Catalog, Interactions
 
 log = get_logger("reelrank.models.ease")
 
 # %% auto #0
-__all__ = ['log', 'DENSE_MATRICES', 'GRAM_BLOCK_ENTRIES', 'ease_weights', 'available_memory', 'check_memory', 'popular_items',
-           'EASE']
+__all__ = ['log', 'DENSE_MATRICES', 'GRAM_BLOCK_ENTRIES', 'DEFAULT_PARAMS', 'ease_weights', 'available_memory', 'check_memory',
+           'popular_items', 'EASE']
 
 # %% ../../../notebooks/04c_models_ease.ipynb #82ddae65
 DENSE_MATRICES = 2      # n_items² float32 matrices alive at once in `ease_weights`: G and its factor, then the factor and P
@@ -76,12 +77,17 @@ def popular_items(item_counts: np.ndarray, max_items: int) -> np.ndarray:
     "The `max_items` items with the most users (ties: the lower index), in index order."
     return np.sort(np.argsort(-item_counts, kind="stable")[:max_items])
 
+DEFAULT_PARAMS: dict[str, Any] = {
+    "l2": 500.0,        # the L2 weight λ
+    "max_items": None,  # model only this many of the most popular items; None: every item
+}
+
 class EASE(Recommender):
     "EASE^R: scores = history row x B, over every item or the `max_items` most popular."
     family = "ease"
-    default_params = {"l2": 500.0, "max_items": None}
+    default_params = DEFAULT_PARAMS
 
-    def __init__(self, catalog, params: dict | None = None):
+    def __init__(self, catalog: Catalog, params: dict | None = None):
         super().__init__(catalog, params)
         max_items = self.params["max_items"]
         if max_items is not None and (isinstance(max_items, bool) or not isinstance(max_items, int) or max_items < 1):
