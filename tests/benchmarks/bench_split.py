@@ -134,6 +134,20 @@ def ratios(run: dict, reference: dict) -> dict:
             "peak_rss": round(run["peak_rss_mb"] / reference["peak_rss_mb"], 2)}
 
 
+def growth(result: dict, limits: list[str]) -> list[dict]:
+    "Each engine's seconds and peak RSS from one measured size to the next (failed runs left out)."
+    sizes, steps = sorted(map(int, result["sizes"])), []
+    for earlier, later in itertools.pairwise(sizes):
+        before, after = result["sizes"][str(earlier)], result["sizes"][str(later)]
+        step = {"from": earlier, "to": later, "duckdb": {
+            limit: ratios(after["duckdb"][limit], before["duckdb"][limit]) for limit in limits
+            if "failed" not in after["duckdb"][limit] and "failed" not in before["duckdb"][limit]}}
+        if "pandas" in before and "pandas" in after:
+            step["pandas"] = ratios(after["pandas"], before["pandas"])
+        steps.append(step)
+    return steps
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 10_000_000])
@@ -163,6 +177,7 @@ def main() -> None:
                                            for limit, run in entry["duckdb"].items() if "failed" not in run}
         result["sizes"][str(ratings)] = entry
         shutil.rmtree(work)
+        result["growth"] = growth(result, args.memory_limits)
         write_figures(args.out, result)  # after every size: the largest may take long, or fail
     print(f"import only: peak RSS {result['import_only']['peak_rss_mb']:.0f} MB")
     for ratings, entry in result["sizes"].items():
@@ -170,21 +185,12 @@ def main() -> None:
             print(f"{int(ratings):>12,} ratings, DuckDB at {limit}: {ratio['seconds']:.2f}x the pandas seconds, "
                   f"{ratio['peak_rss']:.2f}x its peak RSS; same rows, order and dtypes: "
                   f"{entry['compare'][limit]['identical_rows_order_dtypes']}")
-    sizes = sorted(args.sizes)
-    result["growth"] = []
-    for earlier, later in itertools.pairwise(sizes):
-        before, after = result["sizes"][str(earlier)], result["sizes"][str(later)]
-        step = {"from": earlier, "to": later, "duckdb": {
-            limit: ratios(after["duckdb"][limit], before["duckdb"][limit]) for limit in args.memory_limits
-            if "failed" not in after["duckdb"][limit] and "failed" not in before["duckdb"][limit]}}
-        if "pandas" in before and "pandas" in after:
-            step["pandas"] = ratios(after["pandas"], before["pandas"])
-        result["growth"].append(step)
-        print(f"{earlier:,} -> {later:,} ratings ({later / earlier:.0f}x): " + "; ".join(
-            f"{engine}{' ' + limit if limit else ''}: {ratio['seconds']:.2f}x the seconds, {ratio['peak_rss']:.2f}x the peak RSS"
+    for step in result["growth"]:
+        print(f"{step['from']:,} -> {step['to']:,} ratings ({step['to'] / step['from']:.0f}x): " + "; ".join(
+            f"{engine}{' ' + limit if limit else ''}: {ratio['seconds']:.2f}x the seconds, {ratio['peak_rss']:.2f}x "
+            "the peak RSS"
             for engine, limit, ratio in [*(("duckdb", limit, ratio) for limit, ratio in step["duckdb"].items()),
                                          *([("pandas", "", step["pandas"])] if "pandas" in step else [])]))
-    write_figures(args.out, result)
 
 
 if __name__ == "__main__":
