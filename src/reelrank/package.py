@@ -18,7 +18,7 @@ MODEL_NAME = "reelrank-recommender"
 ARCHIVE = "reelrank.tar"
 
 # %% auto #0
-__all__ = ['log', 'MODEL_NAME', 'ARCHIVE', 'SAFE_SUFFIXES', 'REQUIRED_FILES', 'model_files', 'model_labels',
+__all__ = ['log', 'MODEL_NAME', 'ARCHIVE', 'SAFE_SUFFIXES', 'REQUIRED_FILES', 'model_files', 'model_labels', 'store_metadata',
            'save_model_to_store', 'package_stage', 'main']
 
 # %% ../../notebooks/09_package.ipynb #34439b16
@@ -45,6 +45,16 @@ def model_labels(card: dict) -> dict[str, str]:
             "data_md5": provenance["data_md5"], "params_hash": provenance["params_hash"]}
 
 # %% ../../notebooks/09_package.ipynb #78700e66
+def store_metadata(value):
+    "`value` with every None written as the string \"null\": BentoML's model metadata refuses None (e.g. max_items: null)."
+    if value is None:
+        return "null"
+    if isinstance(value, dict):
+        return {key: store_metadata(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [store_metadata(item) for item in value]
+    return value
+
 def save_model_to_store(directory: str | Path, serve: dict):
     "Save a model directory into the BentoML model store as a new version of `MODEL_NAME`; returns the model."
     import bentoml
@@ -52,9 +62,9 @@ def save_model_to_store(directory: str | Path, serve: dict):
     directory = Path(directory)
     files = model_files(directory)
     card = read_json(directory / "card.json")
-    metadata = {"card": {key: card[key] for key in ("model", "family", "params", "fitted_on", "data", "metric",
-                                                    "val", "test")},
-                "serve": serve}
+    metadata = store_metadata({"card": {key: card[key] for key in ("model", "family", "params", "fitted_on", "data",
+                                                                   "metric", "val", "test")},
+                               "serve": serve})
     with bentoml.models.create(MODEL_NAME, labels=model_labels(card), metadata=metadata) as model:
         for name in files:
             target = Path(model.path) / name
