@@ -48,6 +48,33 @@ def leaderboard(project: Path, models: list[str]) -> dict:
     return rows
 
 
+def report(project: Path, commit: str, wall: float, load_before, load_after, note: str | None = None) -> None:
+    "Print the quality figures of the pipeline run in `project` and write them to reports/benchmarks/quality.json."
+    card = json.loads((project / "models" / "selected" / "card.json").read_text())
+    board = leaderboard(project, list(card["leaderboard"]))
+    versus = card["against_best_baseline"]
+    baseline, served = versus["baseline"], card["model"]
+    figures = {"commit": commit, "profile": "quality", "metric": "ndcg@10", "wall_seconds": wall,
+               "load_before": load_before, "load_after": load_after, "note": note, "leaderboard": board,
+               "selection": card["selection"], "against_best_baseline": versus, "served": served,
+               "served_over_best_baseline": board[served]["test"] / board[baseline]["test"]}
+    print(f"quality profile at {commit[:10]}: pipeline {wall / 60:.1f} min (load {load_before[0]:.1f} before)")
+    if note:
+        print(note)
+    print(f"{'model':<12}{'seeds':>6}{'val':>9}{'test':>9}  {'test 95% interval':<20}{'test seed range':<20}"
+          f"{'fit s':>7}")
+    for name, row in sorted(board.items(), key=lambda item: -item[1]["val"]):
+        low, high = row["test_interval"]
+        print(f"{name:<12}{len(row['seeds']):>6}{row['val']:>9.4f}{row['test']:>9.4f}  [{low:.4f}, {high:.4f}]"
+              f"    [{min(row['test_per_seed']):.4f}, {max(row['test_per_seed']):.4f}]    {row['fit_seconds']:>6.1f}")
+    print(f"best on val: {card['selection']['best_on_val']}; served: {served}; best baseline: {baseline}")
+    for name, c in versus["models"].items():
+        print(f"  {name} - {baseline} on test: {c['difference']:+.4f} [{c['interval'][0]:+.4f}, "
+              f"{c['interval'][1]:+.4f}], p = {c['p_value']:.3f}")
+    print(f"served / best baseline (test NDCG@10, seed means): {figures['served_over_best_baseline']:.3f}")
+    write_figures(ROOT / "reports" / "benchmarks" / "quality.json", figures)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--keep", type=Path, help="run in this directory and keep it (default: a temporary one)")
@@ -62,28 +89,7 @@ def main() -> None:
     started = time.perf_counter()
     run([sys.executable, "-m", "reelrank.core", "profile=quality"], project)
     run(["dvc", "repro"], project)
-    wall = time.perf_counter() - started
-    card = json.loads((project / "models" / "selected" / "card.json").read_text())
-    board = leaderboard(project, list(card["leaderboard"]))
-    versus = card["against_best_baseline"]
-    baseline, served = versus["baseline"], card["model"]
-    figures = {"commit": commit, "profile": "quality", "metric": "ndcg@10", "wall_seconds": wall,
-               "load_before": load_before, "load_after": os.getloadavg(), "leaderboard": board,
-               "selection": card["selection"], "against_best_baseline": versus, "served": served,
-               "served_over_best_baseline": board[served]["test"] / board[baseline]["test"]}
-    print(f"quality profile at {commit[:10]}: pipeline {wall / 60:.1f} min (load {load_before[0]:.1f} before)")
-    print(f"{'model':<12}{'seeds':>6}{'val':>9}{'test':>9}  {'test 95% interval':<20}{'test seed range':<20}"
-          f"{'fit s':>7}")
-    for name, row in sorted(board.items(), key=lambda item: -item[1]["val"]):
-        low, high = row["test_interval"]
-        print(f"{name:<12}{len(row['seeds']):>6}{row['val']:>9.4f}{row['test']:>9.4f}  [{low:.4f}, {high:.4f}]"
-              f"    [{min(row['test_per_seed']):.4f}, {max(row['test_per_seed']):.4f}]    {row['fit_seconds']:>6.1f}")
-    print(f"best on val: {card['selection']['best_on_val']}; served: {served}; best baseline: {baseline}")
-    for name, c in versus["models"].items():
-        print(f"  {name} - {baseline} on test: {c['difference']:+.4f} [{c['interval'][0]:+.4f}, "
-              f"{c['interval'][1]:+.4f}], p = {c['p_value']:.3f}")
-    print(f"served / best baseline (test NDCG@10, seed means): {figures['served_over_best_baseline']:.3f}")
-    write_figures(ROOT / "reports" / "benchmarks" / "quality.json", figures)
+    report(project, commit, time.perf_counter() - started, load_before, os.getloadavg())
     if not args.keep:
         shutil.rmtree(work)
 
