@@ -75,7 +75,7 @@ class Blend(Recommender):
             sequence = percentile_ranks(self.sasrec.score(chunk.histories.histories))
             ease = percentile_ranks(self.ease.score(chunk.histories.histories))
             for number, weight in enumerate(self.params["weights"]):
-                ranked = evaluate_ranking(lambda _: mix(sequence, ease, weight), chunk, self.catalog.n_items,
+                ranked = evaluate_ranking(lambda _, s=sequence, e=ease, w=weight: mix(s, e, w), chunk, self.catalog.n_items,
                                           np.zeros(self.catalog.n_items), cutoffs=(10,), k_save=10,
                                           batch_size=len(chunk.targets))
                 totals[number] += ranked.per_user["ndcg@10"].sum()
