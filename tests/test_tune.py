@@ -282,7 +282,7 @@ def tune_error(capsys, *args: str) -> str:
 def test_unknown_search_space_key_is_an_error(project, monkeypatch, capsys):
     monkeypatch.chdir(project)
     err = tune_error(capsys, "model=ease", "+sweep.params.lambda={type:float,low:1,high:2}")
-    assert "search-space keys ['lambda']" in err and "known: ['l2']" in err
+    assert "search-space keys ['lambda']" in err and "known: ['l2', 'max_items']" in err
 
 
 def test_unreachable_storage_fails_fast_naming_the_url(project, monkeypatch, capsys):
