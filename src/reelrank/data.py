@@ -9,18 +9,25 @@ import csv
 import hashlib
 import io
 import re
+import warnings
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pandera.pandas as pandera
 import pooch
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .core import ConfigError, DataError, atomic_output, get_logger, load_params, run_cli, write_json
+
+with warnings.catch_warnings():
+    # where PySpark is installed (the optional `spark` group, which `make test` adds), pandera imports pyspark.pandas,
+    # and PySpark 4.3 then warns that it does not fully support pandas 3: nothing here uses pandas-on-Spark, and the
+    # warning would come first on the stderr of every stage that validates
+    warnings.filterwarnings("ignore", "PySpark does not yet fully support pandas", FutureWarning)
+    import pandera.pandas as pandera
 
 log = get_logger("reelrank.data")
 
