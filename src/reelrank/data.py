@@ -22,12 +22,13 @@ import pyarrow.parquet as pq
 
 from .core import ConfigError, DataError, atomic_output, get_logger, load_params, run_cli, write_json
 
-with warnings.catch_warnings():
-    # where PySpark is installed (the optional `spark` group, which `make test` adds), pandera imports pyspark.pandas,
-    # and PySpark 4.3 then warns that it does not fully support pandas 3: nothing here uses pandas-on-Spark, and the
-    # warning would come first on the stderr of every stage that validates
-    warnings.filterwarnings("ignore", "PySpark does not yet fully support pandas", FutureWarning)
-    import pandera.pandas as pandera
+# Where PySpark is installed (the optional `spark` group, which `make test` adds), pandera tries to import
+# pyspark.pandas when it is imported and again at its first validation; under pandas 3 that import fails (pandera
+# goes on without it) after warning each time that PySpark does not fully support pandas 3. Nothing here uses
+# pandas-on-Spark, and the warning would come first on the stderr of every stage that validates: it is
+# ignored, from before pandera is imported.
+warnings.filterwarnings("ignore", "PySpark does not yet fully support pandas", FutureWarning)
+import pandera.pandas as pandera
 
 log = get_logger("reelrank.data")
 
