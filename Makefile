@@ -13,7 +13,7 @@ export DVC_NO_ANALYTICS := true
 export MPLBACKEND := Agg
 
 .DEFAULT_GOAL := help
-.PHONY: help setup system-deps run serve image image-smoke bento-store tune test unit integration params accept-baseline lock \
+.PHONY: help setup system-deps spark-deps run serve image image-smoke bento-store tune test unit integration params accept-baseline lock \
 	sync-check lint docs bench-peers clean
 
 help: ## list the targets
@@ -30,8 +30,9 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-system-deps: ## install the Debian packages the tests need when missing: chromium (report), postgresql (sweeps), buildah etc. (image), nginx (deploy)
+system-deps: ## install the Debian packages the tests need when missing: chromium (report), postgresql (sweeps), buildah etc. (image), nginx (deploy), Java (Spark split)
 	@missing=""; command -v chromium >/dev/null || missing="$$missing chromium"; \
+	command -v java >/dev/null || missing="$$missing openjdk-17-jre-headless"; \
 	ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	for tool in buildah podman runc debootstrap curl nginx; do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
 	if [ -n "$$missing" ]; then $(SUDO) apt-get update -qq && \
@@ -64,8 +65,17 @@ test: setup system-deps unit integration ## notebook unit tests (nbdev-test) the
 unit: setup ## unit tests that live in the notebooks
 	nbdev-test --n-workers 2 --skip-folder-re '^(reports|explore)$$'
 
-integration: setup ## integration tests in tests/ (pytest)
+integration: setup spark-deps ## integration tests in tests/ (pytest)
 	pytest
+
+# the optional `spark` group of pyproject.toml (PySpark, for tests/test_split_spark.py), kept out of requirements.lock;
+# --no-deps because the group pins py4j, PySpark's one dependency, beside it
+spark-deps: $(VENV)/.spark-installed ## install the optional `spark` group (PySpark) that the Spark split test needs
+
+$(VENV)/.spark-installed: $(VENV)/.installed pyproject.toml
+	$(VENV)/bin/python -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['spark'], sep='\n')" \
+	  | $(VENV)/bin/pip install --quiet --no-deps -r /dev/stdin
+	touch $@
 
 params: setup ## compose conf/ into params.yaml without running: make params PROFILE=smoke
 	python -m reelrank.core profile=$(PROFILE)
@@ -76,8 +86,8 @@ tune: setup ## Optuna sweep of one model: make tune MODEL=ease [TRIALS=20] [STOR
 accept-baseline: setup ## record the selected model's test metrics as the baseline: make accept-baseline PROFILE=smoke
 	python -m reelrank.report accept-baseline --profile $(PROFILE)
 
-lock: setup ## re-pin every dependency from the current .venv
-	{ head -2 requirements.lock; pip freeze --exclude-editable | sed 's/^torch==2.13.0+cpu$$/torch==2.13.0/'; } > requirements.lock.new
+lock: setup ## re-pin every dependency from the current .venv (the optional spark group stays out)
+	{ head -2 requirements.lock; pip freeze --exclude-editable --exclude pyspark --exclude py4j | sed 's/^torch==2.13.0+cpu$$/torch==2.13.0/'; } > requirements.lock.new
 	mv requirements.lock.new requirements.lock
 
 sync-check: setup ## fail when notebooks and src/reelrank are out of sync

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = str(Path(sys.executable).parent)
@@ -57,6 +58,35 @@ def smoke_project(tmp_path_factory) -> Path:
     project = copy_project(tmp_path_factory.mktemp("smoke_project"))
     run(["dvc", "exp", "run", "-S", "profile=smoke"], project)
     return project
+
+
+@pytest.fixture(scope="session")
+def sample_project(tmp_path_factory) -> Path:
+    "A folder with data/interim from the embedded sample (default profile) and its params.yaml."
+    from reelrank.core import compose_config
+    from reelrank.data import ingest, validate_stage
+
+    project = tmp_path_factory.mktemp("sample_project")
+    cfg = compose_config()
+    ingest(cfg["data"], project / "data" / "raw")
+    validate_stage(cfg["validate"], project / "data" / "raw", project / "data" / "interim",
+                   project / "reports" / "validation.json")
+    (project / "params.yaml").write_text(yaml.safe_dump({"split": cfg["split"]}))
+    return project
+
+
+# the hold-out fractions the adversarial frame is split with: 0.35 puts user 90 at a rounding edge
+ADVERSARIAL_FRACTIONS = (0.1, 0.2, 0.35)
+
+
+def adversarial_interactions() -> pd.DataFrame:
+    """Interactions built to break a split: duplicates at the same second in shuffled file order, users below
+    min_interactions (users 1-4), hold-out sizes at rounding edges."""
+    users = [*range(1, 17), 90]  # 0.35 * 90 + 0.5 is just below 32 in double precision
+    rows = [(user, item, 100 + item // 3, float(item % 4 + 1)) for user in users for item in range(user)]
+    rows += [(user, item, 100 + item // 3, 0.5) for user in users for item in (0, user - 1)]  # same second again
+    return (pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp", "rating"]).astype({"rating": "float32"})
+            .sample(frac=1, random_state=1, ignore_index=True))
 
 
 def screenshot_pixels(png: Path) -> tuple[np.ndarray, float, int]:

@@ -7,25 +7,12 @@ import shutil
 import pandas as pd
 import pytest
 import yaml
-from conftest import run
+from conftest import ADVERSARIAL_FRACTIONS, adversarial_interactions, run
 
 from reelrank.core import DataError, compose_config, md5_file
-from reelrank.data import ingest, validate_stage
 from reelrank.split import PARTS, SplitData, duckdb_split, temporal_split
 
 FILES = (*PARTS, "items")
-
-
-@pytest.fixture(scope="module")
-def sample_project(tmp_path_factory):
-    "A folder with data/interim from the embedded sample (default profile) and its params.yaml."
-    project = tmp_path_factory.mktemp("split_engine")
-    cfg = compose_config()
-    ingest(cfg["data"], project / "data" / "raw")
-    validate_stage(cfg["validate"], project / "data" / "raw", project / "data" / "interim",
-                   project / "reports" / "validation.json")
-    (project / "params.yaml").write_text(yaml.safe_dump({"split": cfg["split"]}))
-    return project
 
 
 def test_the_stage_keeps_exactly_the_reference_rows_on_the_sample(sample_project):
@@ -51,13 +38,9 @@ def test_reruns_write_identical_bytes(sample_project):
 
 def test_adversarial_ties_and_rounding_edges_match_the_reference(tmp_path):
     "Duplicates at the same second in shuffled file order, users below min_interactions, hold-outs at rounding edges."
-    users = [*range(1, 17), 90]  # 0.35 * 90 + 0.5 is just below 32 in double precision
-    rows = [(user, item, 100 + item // 3, float(item % 4 + 1)) for user in users for item in range(user)]
-    rows += [(user, item, 100 + item // 3, 0.5) for user in users for item in (0, user - 1)]  # same second again
-    frame = (pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp", "rating"]).astype({"rating": "float32"})
-             .sample(frac=1, random_state=1, ignore_index=True))
+    frame = adversarial_interactions()
     frame.to_parquet(tmp_path / "interactions.parquet", index=False)
-    for fraction in (0.1, 0.2, 0.35):
+    for fraction in ADVERSARIAL_FRACTIONS:
         out = tmp_path / f"out-{fraction}"
         out.mkdir()
         counts = duckdb_split(tmp_path / "interactions.parquet", out, {"holdout_fraction": fraction,

@@ -9,18 +9,26 @@ import csv
 import hashlib
 import io
 import re
+import warnings
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pandera.pandas as pandera
 import pooch
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .core import ConfigError, DataError, atomic_output, get_logger, load_params, run_cli, write_json
+
+# Where PySpark is installed (the optional `spark` group, which `make test` adds), pandera tries to import
+# pyspark.pandas when it is imported and again at its first validation; under pandas 3 that import fails (pandera
+# goes on without it) after warning each time that PySpark does not fully support pandas 3. Nothing here uses
+# pandas-on-Spark, and the warning would come first on the stderr of every stage that validates: it is
+# ignored, from before pandera is imported.
+warnings.filterwarnings("ignore", "PySpark does not yet fully support pandas", FutureWarning)
+import pandera.pandas as pandera
 
 log = get_logger("reelrank.data")
 

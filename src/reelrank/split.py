@@ -24,7 +24,7 @@ if TYPE_CHECKING:  # for annotations only; `_connect` says why DuckDB is importe
 # %% auto #0
 __all__ = ['SPLIT_COLUMNS', 'PARTS', 'SPLIT_QUERY', 'PART_QUERY', 'ENGINE_KEYS', 'implicit_positives', 'temporal_split',
            'Catalog', 'Interactions', 'histories_matrix', 'HoldOut', 'SplitData', 'split_query', 'duckdb_split',
-           'split_stage', 'main']
+           'split_on_spark', 'split_stage', 'main']
 
 # %% ../../notebooks/02_split.ipynb #259545ee
 SPLIT_COLUMNS = ["user_id", "item_id", "timestamp", "rating"]
@@ -268,6 +268,42 @@ def duckdb_split(interactions_path: str | Path, out_dir: str | Path, cfg: dict) 
                             f"split.engine.temp_directory more room ({exc})") from None
         except duckdb.Error as exc:
             raise DataError(f"cannot split {interactions_path}: {exc}") from None
+
+# %% ../../notebooks/02_split.ipynb #7c3e0a52
+def split_on_spark(interactions_path: str | Path, out_dir: str | Path, cfg: dict,
+                   master: str | None = None) -> dict[str, int]:
+    """Write the folders `train/val/test.parquet` (one sorted Parquet file each) under `out_dir` from the
+    interactions Parquet file with the `split` config `cfg`, running `SPLIT_QUERY` on Spark (the active session, or a
+    new one at `master`; None leaves the master to Spark's configuration); returns the row count of each part."""
+    from pyspark import StorageLevel  # here, not at the top: PySpark is the optional dependency group `spark`
+    from pyspark.errors import AnalysisException
+    from pyspark.sql import SparkSession
+    from pyspark.sql import functions as F
+
+    query = split_query(cfg["holdout_fraction"], cfg["min_interactions"])
+    builder = SparkSession.builder if master is None else SparkSession.builder.master(master)
+    spark = builder.getOrCreate()
+    try:
+        source = spark.read.parquet(str(interactions_path))
+    except AnalysisException as exc:
+        raise DataError(f"cannot read {interactions_path}: {exc}") from None
+    # `_metadata.row_index` is the row's position in its file (its row group's first row, from the footer, plus its
+    # place in the row group): the same in every scan however Spark splits the file into tasks, as DuckDB numbers it
+    source.select(*SPLIT_COLUMNS, F.col("_metadata.row_index").alias("file_row")).createOrReplaceTempView(
+        "interactions")
+    labelled = spark.sql(query).persist(StorageLevel.MEMORY_AND_DISK)
+    try:
+        counts = {row["part"]: row["count"] for row in labelled.groupBy("part").count().collect()}
+        for part in PARTS:
+            # one partition sorted by the key is one file in that order; a global ORDER BY would spread the part
+            # over range-partitioned files whose order a reader need not follow
+            (labelled.where(F.col("part") == part).select(*SPLIT_COLUMNS).repartition(1)
+             .sortWithinPartitions("user_id", "timestamp", "item_id").write.option("compression", "zstd")
+             .parquet(f"{str(out_dir).rstrip('/')}/{part}.parquet"))
+    finally:
+        labelled.unpersist()
+        spark.catalog.dropTempView("interactions")
+    return {part: counts.get(part, 0) for part in PARTS}
 
 # %% ../../notebooks/02_split.ipynb #16000f75
 def split_stage(cfg: dict, in_dir: str | Path = "data/interim", out_dir: str | Path = "data/processed") -> dict:
