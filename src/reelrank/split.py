@@ -151,6 +151,11 @@ class HoldOut:
     histories: Interactions
     targets: list[np.ndarray]
 
+    def subset(self, rows: Sequence[int]) -> HoldOut:
+        "The task of the users at positions `rows` only."
+        return HoldOut(Interactions(self.histories.user_ids[rows], [self.histories.histories[r] for r in rows]),
+                       [self.targets[r] for r in rows])
+
 @dataclass
 class SplitData:
     "A split read back from disk: the catalog and the train, val and test frames."

@@ -16,7 +16,7 @@ import pandas as pd
 
 from .core import (ConfigError, atomic_output, get_logger, load_params, read_json, run_cli,
                            seed_everything, write_json, write_parquet)
-from .metrics import RankingResult, evaluate_ranking
+from .metrics import RankingResult, evaluate_ranking, users_to_evaluate
 from .models.base import FitContext, Recommender, build_model, load_model, model_class, save_model
 from .split import HoldOut, Interactions, SplitData
 from .stats import CONFIDENCE, confidence_intervals
@@ -57,8 +57,11 @@ def fit_model(name: str, model_cfg: dict, trainer: dict, eval_cfg: dict, seed: i
               log_dir: Path | None = None, checkpoint_dir: Path | None = None) -> tuple[Recommender, dict]:
     """Choose the best grid candidate on val, refit it on train + val; returns the refit model and a fit report,
     whose `val_per_user` (a DataFrame, not JSON) holds the chosen candidate's val metrics per user and `val_users`
-    how many val users were scored (every candidate is scored on the same ones)."""
+    how many val users were scored (every candidate is scored on the same ones). With `eval.max_users` the deep
+    models' per-epoch early stopping also ranks only that sample of val users."""
     train, valid = split.fitting(["train"]), split.holdout("val")
+    sample, _ = users_to_evaluate(valid, eval_cfg.get("max_users"), eval_cfg.get("sample_seed", 0))
+    epoch_valid = valid.subset(sample)
     candidates = expand_grid(model_cfg.get("params") or {}, model_cfg.get("grid"))
     tried, per_user = [], []
     for number, params in enumerate(candidates):
@@ -67,7 +70,7 @@ def fit_model(name: str, model_cfg: dict, trainer: dict, eval_cfg: dict, seed: i
                              checkpoint_dir=checkpoint_dir / f"candidate_{number}" if checkpoint_dir else None)
         seed_everything(seed)
         started = time.perf_counter()
-        model = build_model(model_cfg["family"], split.catalog, params).fit(train, valid, context)
+        model = build_model(model_cfg["family"], split.catalog, params).fit(train, epoch_valid, context)
         fit_seconds = time.perf_counter() - started
         scored = score_task(model, valid, train, eval_cfg)
         val = scored.metrics

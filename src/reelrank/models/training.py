@@ -114,13 +114,10 @@ class FitModule(L.LightningModule):
         self.val_sums = torch.zeros(2, len(self.valid.targets), dtype=torch.float64, device=self.device)
 
     def validation_step(self, rows: torch.Tensor, batch_idx: int) -> None:
-        picked = rows.tolist()
-        part = HoldOut(Interactions(self.valid.histories.user_ids[picked],
-                                    [self.valid.histories.histories[r] for r in picked]),
-                       [self.valid.targets[r] for r in picked])
+        part = self.valid.subset(rows.tolist())
         n_items = self.model.catalog.n_items
         ndcg = evaluate_ranking(self.model.network_scores, part, n_items, np.zeros(n_items), cutoffs=(10,),
-                                k_save=10, batch_size=len(picked)).per_user["ndcg@10"]
+                                k_save=10, batch_size=len(part.targets)).per_user["ndcg@10"]
         self.val_sums[0, rows] += torch.as_tensor(ndcg, dtype=torch.float64, device=self.device)
         self.val_sums[1, rows] += 1.0
 
