@@ -36,7 +36,9 @@ __all__ = ['VAL_METRIC', 'TRAINER_KEYS', 'lightning_trainer', 'torch_threads', '
 
 # %% ../../../notebooks/04e_models_training.ipynb #87ee1784
 VAL_METRIC = "val/ndcg@10"
-TRAINER_KEYS = ("accelerator", "devices", "num_nodes", "strategy", "precision", "deterministic")
+# passed to Lightning's Trainer as they are; limit_train_batches (a share of each epoch's batches, shuffled anew every
+# epoch) caps an epoch's cost at scale (profile=scale)
+TRAINER_KEYS = ("accelerator", "devices", "num_nodes", "strategy", "precision", "deterministic", "limit_train_batches")
 
 def lightning_trainer(trainer_cfg: dict, context: FitContext, max_epochs: int, early_stopping: bool,
                       checkpoint_dir: Path | None, root_dir: Path, resuming: bool = False,
