@@ -7,10 +7,11 @@ For each size in ratings (users = ratings / 100, ml-25m's 62,423 movies, as the 
 
 1. the synthetic source writes the ratings in blocks (`write_synthetic`); the split stage (DuckDB, the default
    profile's `split` config) writes train/val/test as the pipeline does;
-2. for each model, in a fresh process, one process at a time: the model with the default profile's params (the
-   tuned configs: conf/model/*_tuned.yaml) is fitted on train for one epoch on CPU, with val as the deep models'
-   per-epoch early stopping uses it under `eval.max_users: 1000`; a Lightning callback times the training epoch
-   (the steps only) and the validation pass separately. Then 1,000 test users (the `eval.max_users` sample) are
+2. for each model, in a fresh process, one process at a time: the model with the `scale` profile's params (the
+   tuned configs with the larger batches that profile sets for ml-25m's size) is fitted on train for one whole
+   epoch on CPU (trainer.limit_train_batches 1.0: every batch, where the profile trains on a quarter), with the
+   1,000 val users that per-epoch early stopping ranks under `eval.max_users: 1000`; a Lightning callback times
+   the training steps and the validation pass apart. Then 1,000 test users (the `eval.max_users` sample) are
    ranked over the whole catalog as the evaluate stage does. Each process reports its peak resident memory
    (VmHWM), the memory after loading the split (before the model exists) and the training set's size.
 
@@ -19,6 +20,7 @@ Figures are printed and written to reports/benchmarks/deep.json (after each size
 one size to the next (the issue's goal: at most 12 times the seconds per epoch for 10 times the data).
 """
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -75,7 +77,7 @@ class EpochTimer(Callback):
     def on_validation_epoch_end(self, trainer, module):
         self.validation.append(time.perf_counter() - self.val_started)
 
-config = compose_config()
+config = compose_config(["profile=scale"])
 model_cfg, eval_cfg = config["models"][mode], {**config["eval"], "max_users": int(sys.argv[3])}
 split = SplitData.load(work / "processed")
 train, valid, test = split.fitting(["train"]), split.holdout("val"), split.holdout("test")
@@ -83,7 +85,7 @@ epoch_valid = valid.subset(users_to_evaluate(valid, eval_cfg["max_users"], eval_
 figures |= {"users": len(train), "items": split.catalog.n_items, "train_ratings": int(sum(map(len, train.histories))),
             "load_seconds": round(time.perf_counter() - started, 1), "rss_after_load_mb": status_mb("VmRSS")}
 timer = EpochTimer()
-trainer = {**config["trainer"], "max_epochs": 1}
+trainer = {**config["trainer"], "max_epochs": 1, "limit_train_batches": 1.0}
 started = time.perf_counter()
 model = build_model(model_cfg["family"], split.catalog, {**model_cfg["params"], "epochs": 1})
 model.fit(train, epoch_valid, FitContext(trainer, 42, callbacks=[timer]))
@@ -107,7 +109,7 @@ def measure(mode: str, work: Path, argument: int) -> dict:
     before, started = load_average(), time.perf_counter()
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     done = subprocess.run([sys.executable, "-c", CHILD, mode, str(work), str(argument)], cwd=ROOT, env=env,
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise SystemExit(f"{mode} at {work} failed:\n{done.stderr[-3000:]}")
     return {**json.loads(done.stdout.strip().splitlines()[-1]), "wall_seconds": round(time.perf_counter() - started, 1),
@@ -118,7 +120,7 @@ def growth(result: dict, models: list[str]) -> list[dict]:
     "Each model's ratios from one size to the next: seconds per epoch, evaluation seconds and peak memory."
     sizes = sorted(result["sizes"], key=int)
     out = []
-    for small, large in zip(sizes, sizes[1:]):
+    for small, large in itertools.pairwise(sizes):
         for name in models:
             a, b = result["sizes"][small][name], result["sizes"][large][name]
             out.append({"model": name, "from": int(small), "to": int(large), "data": int(large) / int(small),
