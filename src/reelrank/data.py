@@ -36,8 +36,8 @@ log = get_logger("reelrank.data")
 __all__ = ['log', 'INTERACTIONS_SCHEMA', 'ITEMS_SCHEMA', 'NO_GENRES', 'DOWNLOAD_TIMEOUT', 'CHUNK_ROWS', 'ML_100K_GENRES',
            'GROUPLENS_READERS', 'SOURCES', 'RULES', 'DEFAULT_POLICY', 'MAX_EXAMPLES', 'ACCEPTED_DIR',
            'split_title_year', 'items_frame', 'write_tables', 'read_tables', 'fetch_grouplens', 'load_source',
-           'sample_users', 'ingest', 'DataValidationError', 'validate', 'validate_stage', 'read_interactions_file',
-           'read_increments', 'main']
+           'sample_users', 'sampled_users', 'ingest', 'DataValidationError', 'validate', 'validate_stage',
+           'read_interactions_file', 'read_increments', 'main']
 
 # %% ../../notebooks/01_data.ipynb #50d7c90d
 INTERACTIONS_SCHEMA = pa.schema([("user_id", pa.int64()), ("item_id", pa.int64()),
@@ -303,20 +303,30 @@ def load_source(cfg: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 def sample_users(interactions: pd.DataFrame, items: pd.DataFrame, max_users: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     "Keep the `max_users` users whose md5(str(user_id)) sorts first, and the items they interacted with."
-    if isinstance(max_users, bool) or not isinstance(max_users, int) or max_users < 1:
-        raise ConfigError(f"data.max_users must be a positive integer or null, got {max_users!r}")
-    users = pd.Series(interactions["user_id"].dropna().unique())
-    order = users.map(lambda user: hashlib.md5(str(user).encode()).hexdigest()).sort_values(kind="stable").index
-    kept = interactions[interactions["user_id"].isin(users[order[:max_users]])]
+    kept = interactions[interactions["user_id"].isin(sampled_users(interactions["user_id"].dropna().unique(), max_users))]
     return kept, items[items["item_id"].isin(kept["item_id"])]
 
+def sampled_users(user_ids, max_users: int) -> np.ndarray:
+    "The `max_users` of the distinct `user_ids` whose md5(str(user_id)) sorts first (all of them if there are fewer)."
+    if isinstance(max_users, bool) or not isinstance(max_users, int) or max_users < 1:
+        raise ConfigError(f"data.max_users must be a positive integer or null, got {max_users!r}")
+    users = pd.Series(user_ids)
+    order = users.map(lambda user: hashlib.md5(str(user).encode()).hexdigest()).sort_values(kind="stable").index
+    return users[order[:max_users]].to_numpy()
+
 # %% ../../notebooks/01_data.ipynb #590ec98a
-def ingest(data_cfg: dict, out_dir: str | Path = "data/raw") -> tuple[pd.DataFrame, pd.DataFrame]:
-    "Load the source described by `data_cfg` and write it to `out_dir` in the raw schema; returns the tables."
-    interactions, items = load_source(data_cfg)
-    write_tables(interactions, items, out_dir)
+def ingest(data_cfg: dict, out_dir: str | Path = "data/raw") -> dict[str, int]:
+    "Write the source described by `data_cfg` to `out_dir` in the raw schema; returns the row count of each table."
+    if data_cfg.get("source") == "synthetic":
+        from reelrank.synthetic import write_synthetic  # see `_load_synthetic`
+
+        counts = write_synthetic(data_cfg, out_dir)
+    else:
+        interactions, items = load_source(data_cfg)
+        write_tables(interactions, items, out_dir)
+        counts = {"interactions": len(interactions), "items": len(items)}
     log.info("wrote %s", out_dir)
-    return interactions, items
+    return counts
 
 # %% ../../notebooks/01_data.ipynb #f188f088
 RULES = ["null_keys", "duplicates", "rating_range", "timestamp_window", "unknown_items"]
