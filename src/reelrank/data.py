@@ -380,8 +380,8 @@ def _rule_texts(rules: dict) -> dict[str, str]:
         texts["timestamp_window"] = "have timestamp outside [{}, {})".format(*rules["timestamp_window"])
     return {rule: texts[rule] for rule in RULES if rule in texts}
 
-def _rule_checks(rules: dict, item_ids: pd.Series) -> dict[str, tuple[pandera.Check, str]]:
-    "Rule name -> (a pandera check that is True on good rows, how a violation reads in a message)."
+def _rule_checks(rules: dict, item_ids: pd.Series) -> dict[str, pandera.Check]:
+    "Rule name -> a pandera check that is True on good rows, for the rules `rules` switches on."
     def ignoring_null_keys(ok: Callable[[pd.DataFrame], pd.Series]) -> Callable[[pd.DataFrame], pd.Series]:
         return lambda df: df["user_id"].isna() | df["item_id"].isna() | ok(df)
     checks = {
@@ -396,8 +396,7 @@ def _rule_checks(rules: dict, item_ids: pd.Series) -> dict[str, tuple[pandera.Ch
     if "timestamp_window" in bounds:
         start, end = bounds["timestamp_window"]
         checks["timestamp_window"] = lambda df: (df["timestamp"] >= start) & (df["timestamp"] < end)
-    return {rule: (pandera.Check(checks[rule], name=rule, ignore_na=False), text)
-            for rule, text in _rule_texts(rules).items()}
+    return {rule: pandera.Check(checks[rule], name=rule, ignore_na=False) for rule in _rule_texts(rules)}
 
 def _policies(rules: dict) -> dict[str, str]:
     policy = {**DEFAULT_POLICY, **(rules.get("policy") or {})}
@@ -424,7 +423,7 @@ def _schema_problems(schema: pandera.DataFrameSchema, frame: pd.DataFrame, table
 def _violations(frame: pd.DataFrame, checks: dict) -> dict[str, pd.Index]:
     "Rule name -> index labels of the rows that violate it, from one lazy pandera validation."
     try:
-        pandera.DataFrameSchema(checks=[check for check, _ in checks.values()]).validate(frame, lazy=True)
+        pandera.DataFrameSchema(checks=list(checks.values())).validate(frame, lazy=True)
     except pandera.errors.SchemaErrors as exc:
         cases = exc.failure_cases
         return {rule: pd.Index(cases.loc[cases["check"] == rule, "index"].unique()).sort_values()
@@ -465,7 +464,7 @@ def validate(interactions: pd.DataFrame, items: pd.DataFrame, rules: dict) -> tu
     report = {"before": {"interactions": len(interactions), "items": len(items)}}
     found = {rule: (len(index), _examples(interactions, index)) for rule, index in _violations(interactions, checks).items()}
     report["rules"] = _judge(policy, _rule_texts(rules), found)
-    dropping = pandera.DataFrameSchema(checks=[check for rule, (check, _) in checks.items() if policy[rule] == "drop"],
+    dropping = pandera.DataFrameSchema(checks=[check for rule, check in checks.items() if policy[rule] == "drop"],
                                        drop_invalid_rows=True)
     cleaned = dropping.validate(interactions, lazy=True).astype({"user_id": "int64", "item_id": "int64"})
     cleaned = cleaned.reset_index(drop=True)
