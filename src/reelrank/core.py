@@ -9,18 +9,22 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import uuid
 from pathlib import Path
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from omegaconf import OmegaConf
 
+if TYPE_CHECKING:  # for annotations only; `duckdb_connection` says why DuckDB is imported where it is used
+    import duckdb
+
 # %% auto #0
-__all__ = ['ReelrankError', 'ConfigError', 'DataError', 'find_root', 'require_values', 'compose_config', 'load_params',
-           'atomic_output', 'write_params', 'write_json', 'read_json', 'write_parquet', 'md5_file', 'get_logger',
-           'seed_everything', 'run_cli']
+__all__ = ['ENGINE_KEYS', 'ReelrankError', 'ConfigError', 'DataError', 'find_root', 'require_values', 'compose_config',
+           'load_params', 'atomic_output', 'write_params', 'write_json', 'read_json', 'write_parquet', 'md5_file',
+           'sql_string', 'duckdb_connection', 'get_logger', 'seed_everything', 'run_cli']
 
 # %% ../../notebooks/00_core.ipynb #90eb42d2
 class ReelrankError(Exception):
@@ -141,6 +145,43 @@ def md5_file(path: str | Path) -> str:
     "Hex md5 of a file, read in chunks."
     with open(path, "rb") as fh:
         return hashlib.file_digest(fh, "md5").hexdigest()
+
+# %% ../../notebooks/00_core.ipynb #b88d2db9
+ENGINE_KEYS = ("memory_limit", "threads", "temp_directory")
+
+def sql_string(value: str | Path) -> str:
+    "`value` as an SQL string literal (a path in `read_parquet(...)` or `COPY ... TO ...`)."
+    return "'" + str(value).replace("'", "''") + "'"
+
+@contextlib.contextmanager
+def duckdb_connection(stage: str, engine: dict | None, scratch_parent: str | Path,
+                      failure: str) -> Iterator[duckdb.DuckDBPyConnection]:
+    """A DuckDB connection with the `<stage>.engine` settings `engine`, its database and spill files in a scratch
+    folder under `engine['temp_directory']` (null: under `scratch_parent`) that is removed afterwards. DuckDB errors
+    inside the block become `DataError`s: running out of memory names the settings, others start with `failure`."""
+    import duckdb
+
+    engine = engine or {}
+    unknown = sorted(set(engine) - set(ENGINE_KEYS))
+    if unknown:
+        raise ConfigError(f"{stage}.engine has unknown key(s) {unknown}; keys are: {', '.join(ENGINE_KEYS)}")
+    settings = {key: engine[key] for key in ("memory_limit", "threads") if engine.get(key) is not None}
+    parent = Path(engine.get("temp_directory") or scratch_parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{stage}-spill-", dir=parent) as scratch:
+        try:
+            connection = duckdb.connect(str(Path(scratch) / f"{stage}.duckdb"), config={
+                **settings, "temp_directory": scratch, "preserve_insertion_order": False})
+        except duckdb.Error as exc:
+            raise ConfigError(f"{stage}.engine {settings} rejected by DuckDB: {exc}") from None
+        try:
+            with connection:
+                yield connection
+        except duckdb.OutOfMemoryException as exc:
+            raise DataError(f"the {stage} stage ran out of memory: raise {stage}.engine.memory_limit or give "
+                            f"{stage}.engine.temp_directory more room ({exc})") from None
+        except duckdb.Error as exc:
+            raise DataError(f"{failure}: {exc}") from None
 
 # %% ../../notebooks/00_core.ipynb #9f1b9671
 def get_logger(name: str = "reelrank") -> logging.Logger:

@@ -20,7 +20,8 @@ import pooch
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .core import ConfigError, DataError, atomic_output, get_logger, load_params, run_cli, write_json
+from .core import (ConfigError, DataError, atomic_output, duckdb_connection, get_logger, load_params, run_cli,
+                           sql_string, write_json)
 
 # Where PySpark is installed (the optional `spark` group, which `make test` adds), pandera tries to import
 # pyspark.pandas when it is imported and again at its first validation; under pandas 3 that import fails (pandera
@@ -34,10 +35,11 @@ log = get_logger("reelrank.data")
 
 # %% auto #0
 __all__ = ['log', 'INTERACTIONS_SCHEMA', 'ITEMS_SCHEMA', 'NO_GENRES', 'DOWNLOAD_TIMEOUT', 'CHUNK_ROWS', 'ML_100K_GENRES',
-           'GROUPLENS_READERS', 'SOURCES', 'RULES', 'DEFAULT_POLICY', 'MAX_EXAMPLES', 'ACCEPTED_DIR',
-           'split_title_year', 'items_frame', 'write_tables', 'read_tables', 'fetch_grouplens', 'load_source',
-           'sample_users', 'ingest', 'DataValidationError', 'validate', 'validate_stage', 'read_interactions_file',
-           'read_increments', 'main']
+           'GROUPLENS_READERS', 'SOURCES', 'RULES', 'DEFAULT_POLICY', 'MAX_EXAMPLES', 'HEAD_ROWS', 'RULE_CONDITIONS',
+           'NULL_TIMESTAMP', 'VIOLATIONS_QUERY', 'APPENDED_QUERY', 'ACCEPTED_DIR', 'split_title_year', 'items_frame',
+           'write_tables', 'write_table', 'read_tables', 'read_table', 'fetch_grouplens', 'load_source', 'sample_users',
+           'sampled_users', 'ingest', 'DataValidationError', 'validate', 'violations_query', 'duckdb_validate',
+           'validate_stage', 'validate_tables', 'read_interactions_file', 'read_increments', 'increment_paths', 'main']
 
 # %% ../../notebooks/01_data.ipynb #50d7c90d
 INTERACTIONS_SCHEMA = pa.schema([("user_id", pa.int64()), ("item_id", pa.int64()),
@@ -71,21 +73,24 @@ def write_tables(interactions: pd.DataFrame, items: pd.DataFrame, out_dir: str |
     "Write `interactions.parquet` and `items.parquet` into `out_dir` atomically and byte-deterministically."
     with atomic_output(out_dir) as tmp:
         tmp.mkdir()
-        for name, frame, schema in [("interactions", interactions, INTERACTIONS_SCHEMA),
-                                    ("items", items, ITEMS_SCHEMA)]:
-            table = pa.Table.from_pandas(frame, schema=schema, preserve_index=False)
-            pq.write_table(table, tmp / f"{name}.parquet", compression="zstd")
+        write_table(interactions, INTERACTIONS_SCHEMA, tmp / "interactions.parquet")
+        write_table(items, ITEMS_SCHEMA, tmp / "items.parquet")
+
+def write_table(frame: pd.DataFrame, schema: pa.Schema, path: Path) -> None:
+    "Write one raw table with its Arrow `schema`, always with the same settings (the same frame gives the same bytes)."
+    pq.write_table(pa.Table.from_pandas(frame, schema=schema, preserve_index=False), path, compression="zstd")
 
 def read_tables(in_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     "Read (interactions, items) written by `write_tables`; an unreadable file is a `DataError` naming it."
-    tables = []
-    for name in ("interactions", "items"):
-        path = Path(in_dir) / f"{name}.parquet"
-        if not path.exists():
-            raise DataError(f"{path} not found: run the previous stage first")
-        with _reading(path):
-            tables.append(pd.read_parquet(path))
-    return tables[0], tables[1]
+    return read_table(in_dir, "interactions"), read_table(in_dir, "items")
+
+def read_table(in_dir: str | Path, name: str) -> pd.DataFrame:
+    "The table `name` (`interactions` or `items`) of `in_dir`; a missing or unreadable file is a `DataError` naming it."
+    path = Path(in_dir) / f"{name}.parquet"
+    if not path.exists():
+        raise DataError(f"{path} not found: run the previous stage first")
+    with _reading(path):
+        return pd.read_parquet(path)
 
 @contextlib.contextmanager
 def _reading(what) -> Iterator[None]:
@@ -303,20 +308,30 @@ def load_source(cfg: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 def sample_users(interactions: pd.DataFrame, items: pd.DataFrame, max_users: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     "Keep the `max_users` users whose md5(str(user_id)) sorts first, and the items they interacted with."
-    if isinstance(max_users, bool) or not isinstance(max_users, int) or max_users < 1:
-        raise ConfigError(f"data.max_users must be a positive integer or null, got {max_users!r}")
-    users = pd.Series(interactions["user_id"].dropna().unique())
-    order = users.map(lambda user: hashlib.md5(str(user).encode()).hexdigest()).sort_values(kind="stable").index
-    kept = interactions[interactions["user_id"].isin(users[order[:max_users]])]
+    kept = interactions[interactions["user_id"].isin(sampled_users(interactions["user_id"].dropna().unique(), max_users))]
     return kept, items[items["item_id"].isin(kept["item_id"])]
 
+def sampled_users(user_ids, max_users: int) -> np.ndarray:
+    "The `max_users` of the distinct `user_ids` whose md5(str(user_id)) sorts first (all of them if there are fewer)."
+    if isinstance(max_users, bool) or not isinstance(max_users, int) or max_users < 1:
+        raise ConfigError(f"data.max_users must be a positive integer or null, got {max_users!r}")
+    users = pd.Series(user_ids)
+    order = users.map(lambda user: hashlib.md5(str(user).encode()).hexdigest()).sort_values(kind="stable").index
+    return users[order[:max_users]].to_numpy()
+
 # %% ../../notebooks/01_data.ipynb #590ec98a
-def ingest(data_cfg: dict, out_dir: str | Path = "data/raw") -> tuple[pd.DataFrame, pd.DataFrame]:
-    "Load the source described by `data_cfg` and write it to `out_dir` in the raw schema; returns the tables."
-    interactions, items = load_source(data_cfg)
-    write_tables(interactions, items, out_dir)
+def ingest(data_cfg: dict, out_dir: str | Path = "data/raw") -> dict[str, int]:
+    "Write the source described by `data_cfg` to `out_dir` in the raw schema; returns the row count of each table."
+    if data_cfg.get("source") == "synthetic":
+        from reelrank.synthetic import write_synthetic  # see `_load_synthetic`
+
+        counts = write_synthetic(data_cfg, out_dir)
+    else:
+        interactions, items = load_source(data_cfg)
+        write_tables(interactions, items, out_dir)
+        counts = {"interactions": len(interactions), "items": len(items)}
     log.info("wrote %s", out_dir)
-    return interactions, items
+    return counts
 
 # %% ../../notebooks/01_data.ipynb #f188f088
 RULES = ["null_keys", "duplicates", "rating_range", "timestamp_window", "unknown_items"]
@@ -344,26 +359,44 @@ _ITEMS = pandera.DataFrameSchema({
     "year": pandera.Column("Int16", nullable=True),
 }, strict=True)
 
-def _rule_checks(rules: dict, item_ids: pd.Series) -> dict[str, tuple[pandera.Check, str]]:
-    "Rule name -> (a pandera check that is True on good rows, how a violation reads in a message)."
+def _bounds(rules: dict) -> dict[str, tuple]:
+    "Rule -> (low, high) of the range rules that `rules` switches on: ratings as floats, the window in unix seconds."
+    bounds = {}
+    if rules.get("rating_range") is not None:
+        bounds["rating_range"] = tuple(map(float, rules["rating_range"]))
+    if rules.get("timestamp_window") is not None:
+        bounds["timestamp_window"] = tuple(int(pd.Timestamp(day, tz="UTC").timestamp())
+                                           for day in rules["timestamp_window"])
+    return bounds
+
+def _rule_texts(rules: dict) -> dict[str, str]:
+    "Rule -> how its violation reads in a message, for the rules `rules` switches on, in `RULES` order."
+    texts = {"null_keys": "have a null user_id or item_id", "duplicates": "repeat an earlier (user_id, item_id, timestamp)",
+             "unknown_items": "have an item_id missing from items"}
+    bounds = _bounds(rules)
+    if "rating_range" in bounds:
+        texts["rating_range"] = "have rating outside [{}, {}]".format(*bounds["rating_range"])
+    if "timestamp_window" in bounds:
+        texts["timestamp_window"] = "have timestamp outside [{}, {})".format(*rules["timestamp_window"])
+    return {rule: texts[rule] for rule in RULES if rule in texts}
+
+def _rule_checks(rules: dict, item_ids: pd.Series) -> dict[str, pandera.Check]:
+    "Rule name -> a pandera check that is True on good rows, for the rules `rules` switches on."
     def ignoring_null_keys(ok: Callable[[pd.DataFrame], pd.Series]) -> Callable[[pd.DataFrame], pd.Series]:
         return lambda df: df["user_id"].isna() | df["item_id"].isna() | ok(df)
     checks = {
-        "null_keys": (lambda df: df["user_id"].notna() & df["item_id"].notna(), "have a null user_id or item_id"),
-        "duplicates": (ignoring_null_keys(lambda df: ~df.duplicated(["user_id", "item_id", "timestamp"])),
-                       "repeat an earlier (user_id, item_id, timestamp)"),
-        "unknown_items": (ignoring_null_keys(lambda df: df["item_id"].isin(item_ids)),
-                          "have an item_id missing from items"),
+        "null_keys": lambda df: df["user_id"].notna() & df["item_id"].notna(),
+        "duplicates": ignoring_null_keys(lambda df: ~df.duplicated(["user_id", "item_id", "timestamp"])),
+        "unknown_items": ignoring_null_keys(lambda df: df["item_id"].isin(item_ids)),
     }
-    if rules.get("rating_range") is not None:
-        low, high = map(float, rules["rating_range"])
-        checks["rating_range"] = (lambda df: df["rating"].isna() | df["rating"].between(low, high),
-                                  f"have rating outside [{low}, {high}]")
-    if rules.get("timestamp_window") is not None:
-        start, end = (int(pd.Timestamp(day, tz="UTC").timestamp()) for day in rules["timestamp_window"])
-        checks["timestamp_window"] = (lambda df: (df["timestamp"] >= start) & (df["timestamp"] < end),
-                                      "have timestamp outside [{}, {})".format(*rules["timestamp_window"]))
-    return {rule: (pandera.Check(ok, name=rule, ignore_na=False), text) for rule, (ok, text) in checks.items()}
+    bounds = _bounds(rules)
+    if "rating_range" in bounds:
+        low, high = bounds["rating_range"]
+        checks["rating_range"] = lambda df: df["rating"].isna() | df["rating"].between(low, high)
+    if "timestamp_window" in bounds:
+        start, end = bounds["timestamp_window"]
+        checks["timestamp_window"] = lambda df: (df["timestamp"] >= start) & (df["timestamp"] < end)
+    return {rule: pandera.Check(checks[rule], name=rule, ignore_na=False) for rule in _rule_texts(rules)}
 
 def _policies(rules: dict) -> dict[str, str]:
     policy = {**DEFAULT_POLICY, **(rules.get("policy") or {})}
@@ -390,7 +423,7 @@ def _schema_problems(schema: pandera.DataFrameSchema, frame: pd.DataFrame, table
 def _violations(frame: pd.DataFrame, checks: dict) -> dict[str, pd.Index]:
     "Rule name -> index labels of the rows that violate it, from one lazy pandera validation."
     try:
-        pandera.DataFrameSchema(checks=[check for check, _ in checks.values()]).validate(frame, lazy=True)
+        pandera.DataFrameSchema(checks=list(checks.values())).validate(frame, lazy=True)
     except pandera.errors.SchemaErrors as exc:
         cases = exc.failure_cases
         return {rule: pd.Index(cases.loc[cases["check"] == rule, "index"].unique()).sort_values()
@@ -400,6 +433,23 @@ def _violations(frame: pd.DataFrame, checks: dict) -> dict[str, pd.Index]:
 def _examples(frame: pd.DataFrame, index: pd.Index) -> list[str]:
     return [" ".join(f"{column}={'null' if pd.isna(value) else value}" for column, value in row.items())
             for row in frame.loc[index[:MAX_EXAMPLES]].to_dict("records")]
+
+def _judge(policy: dict[str, str], texts: dict[str, str], found: dict[str, tuple[int, list[str]]]) -> dict:
+    """The report's `rules` from each rule's (violations, example rows); a `DataValidationError` naming every broken
+    rule whose policy is `fail`, with its count and examples, if there is one."""
+    entries, failures = {}, []
+    for rule, (violations, examples) in found.items():
+        if violations and policy[rule] == "fail":
+            failures.append(f"rule '{rule}' failed: {violations} interactions {texts[rule]}; examples:\n"
+                            + "\n".join(f" {example}" for example in examples))
+        entries[rule] = {"policy": policy[rule], "violations": violations,
+                         "dropped": violations if policy[rule] == "drop" else 0, "examples": examples}
+    if failures:
+        raise DataValidationError("\n".join(failures))
+    for rule, entry in entries.items():
+        if entry["dropped"]:
+            log.warning("validate: dropped %d interactions breaking '%s'", entry["dropped"], rule)
+    return entries
 
 # %% ../../notebooks/01_data.ipynb #b0db6f09
 def validate(interactions: pd.DataFrame, items: pd.DataFrame, rules: dict) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
@@ -411,32 +461,152 @@ def validate(interactions: pd.DataFrame, items: pd.DataFrame, rules: dict) -> tu
         raise DataValidationError("\n".join(problems))
     interactions = interactions.reset_index(drop=True)
     checks = _rule_checks(rules, items["item_id"])
-    report = {"rules": {}, "before": {"interactions": len(interactions), "items": len(items)}}
-    failures = []
-    for rule, index in _violations(interactions, checks).items():
-        examples = _examples(interactions, index)
-        if len(index) and policy[rule] == "fail":
-            failures.append(f"rule '{rule}' failed: {len(index)} interactions {checks[rule][1]}; examples:\n"
-                            + "\n".join(f" {example}" for example in examples))
-        report["rules"][rule] = {"policy": policy[rule], "violations": len(index),
-                                 "dropped": len(index) if policy[rule] == "drop" else 0, "examples": examples}
-    if failures:
-        raise DataValidationError("\n".join(failures))
-    dropping = pandera.DataFrameSchema(checks=[check for rule, (check, _) in checks.items() if policy[rule] == "drop"],
+    report = {"before": {"interactions": len(interactions), "items": len(items)}}
+    found = {rule: (len(index), _examples(interactions, index)) for rule, index in _violations(interactions, checks).items()}
+    report["rules"] = _judge(policy, _rule_texts(rules), found)
+    dropping = pandera.DataFrameSchema(checks=[check for rule, check in checks.items() if policy[rule] == "drop"],
                                        drop_invalid_rows=True)
     cleaned = dropping.validate(interactions, lazy=True).astype({"user_id": "int64", "item_id": "int64"})
     cleaned = cleaned.reset_index(drop=True)
     report["after"] = {"interactions": len(cleaned), "items": len(items)}
-    for rule, entry in report["rules"].items():
-        if entry["dropped"]:
-            log.warning("validate: dropped %d interactions breaking '%s'", entry["dropped"], rule)
     return cleaned, items.reset_index(drop=True), report
 
 # %% ../../notebooks/01_data.ipynb #91f6448a
+HEAD_ROWS = 10_000  # rows of each interactions file whose schema pandera validates
+_SQL_COLUMNS = ("CAST(user_id AS BIGINT) AS user_id, CAST(item_id AS BIGINT) AS item_id, CAST(rating AS FLOAT) AS rating, "
+                "CAST(timestamp AS BIGINT) AS timestamp")
+RULE_CONDITIONS = {  # true on a row of `interactions i` that breaks the rule; r: its repeated key, k: its item
+    "null_keys": "i.user_id IS NULL OR i.item_id IS NULL",
+    "duplicates": "i.file_row > r.first_row",
+    "rating_range": "NOT (i.rating IS NULL OR isnan(i.rating) OR i.rating BETWEEN CAST({low!r} AS FLOAT) "
+                    "AND CAST({high!r} AS FLOAT))",
+    "timestamp_window": "NOT (i.timestamp >= {low} AND i.timestamp < {high})",
+    "unknown_items": "i.user_id IS NOT NULL AND i.item_id IS NOT NULL AND k.item_id IS NULL",
+}
+NULL_TIMESTAMP = "i.timestamp IS NULL"  # a schema error (the column is not nullable), counted with the rules
+VIOLATIONS_QUERY = """
+WITH repeated AS (
+    SELECT user_id, item_id, timestamp, MIN(file_row) AS first_row
+    FROM interactions
+    WHERE user_id IS NOT NULL AND item_id IS NOT NULL
+    GROUP BY user_id, item_id, timestamp
+    HAVING COUNT(*) > 1
+),
+flagged AS (
+    SELECT i.file_row, i.user_id, i.item_id, i.rating, i.timestamp,
+           {flags}
+    FROM interactions i
+    LEFT JOIN repeated r ON i.user_id = r.user_id AND i.item_id = r.item_id AND i.timestamp = r.timestamp
+    LEFT JOIN items k ON i.item_id = k.item_id
+)
+SELECT * FROM flagged WHERE {any_flag}
+"""
+APPENDED_QUERY = """
+SELECT user_id, item_id, rating, timestamp,
+       ROW_NUMBER() OVER (ORDER BY user_id NULLS LAST, timestamp NULLS LAST, item_id NULLS LAST, source, source_row) - 1
+           AS file_row
+FROM ({parts}) AS appended
+"""
+
+def violations_query(rules: dict) -> str:
+    "The portable SQL that flags (one 0/1 column per rule switched on, and `null_timestamp`) every row breaking one."
+    bounds = _bounds(rules)
+    conditions = {rule: RULE_CONDITIONS[rule].format(**dict(zip(("low", "high"), bounds.get(rule, ()))))
+                  for rule in _rule_texts(rules)}
+    conditions["null_timestamp"] = NULL_TIMESTAMP
+    flags = ",\n           ".join(f"CASE WHEN {condition} THEN 1 ELSE 0 END AS {name}"
+                                   for name, condition in conditions.items())
+    return VIOLATIONS_QUERY.format(flags=flags, any_flag=" OR ".join(f"{name} = 1" for name in conditions))
+
+def _head(path: Path) -> pd.DataFrame:
+    "The first `HEAD_ROWS` rows of a Parquet file as `pd.read_parquet` would give them (its pandas metadata applied)."
+    with _reading(path):
+        parquet = pq.ParquetFile(path)
+        batch = next(parquet.iter_batches(batch_size=HEAD_ROWS), None)
+        table = parquet.schema_arrow.empty_table() if batch is None else pa.Table.from_batches([batch])
+        return table.replace_schema_metadata(parquet.schema_arrow.metadata).to_pandas()
+
+def _bind_interactions(con, sources: list[Path]) -> None:
+    "Define `interactions` (the raw columns and each row's `file_row` position) over the raw file and increments."
+    read = lambda path: f"read_parquet({sql_string(path)}, file_row_number = true)"
+    if len(sources) == 1:
+        con.execute(f"CREATE VIEW interactions AS SELECT {_SQL_COLUMNS}, file_row_number AS file_row "
+                    f"FROM {read(sources[0])}")
+        return
+    parts = " UNION ALL ".join(f"SELECT {_SQL_COLUMNS}, {number} AS source, file_row_number AS source_row "
+                               f"FROM {read(path)}" for number, path in enumerate(sources))
+    con.execute(f"CREATE TABLE interactions AS {APPENDED_QUERY.format(parts=parts)}")
+
+def _sql_examples(con, rule: str) -> list[str]:
+    rows = con.execute(f"SELECT user_id, item_id, rating, timestamp FROM violations WHERE {rule} = 1 "
+                       f"ORDER BY file_row LIMIT {MAX_EXAMPLES}").fetchall()
+    frame = pd.DataFrame(rows, columns=INTERACTIONS_SCHEMA.names).astype(
+        {"user_id": "Int64", "item_id": "Int64", "rating": "float32", "timestamp": "Int64"})
+    return _examples(frame, frame.index)
+
+def duckdb_validate(rules: dict, in_dir: str | Path, out_dir: str | Path, accepted_dir: str | Path | None = None) -> dict:
+    """Validate the raw tables of `in_dir`, with the increments of `accepted_dir` (if given) appended, on DuckDB out
+    of core with the `validate` config `rules` (its `engine` sets DuckDB's memory); write the cleaned tables into the
+    existing folder `out_dir` and return the report."""
+    policy, texts, in_dir, out_dir = _policies(rules), _rule_texts(rules), Path(in_dir), Path(out_dir)
+    items = read_table(in_dir, "items")
+    raw = in_dir / "interactions.parquet"
+    if not raw.exists():
+        raise DataError(f"{raw} not found: run the previous stage first")
+    increments = increment_paths(accepted_dir) if accepted_dir is not None else []
+    sources = [raw, *increments]
+    problems = [*dict.fromkeys(problem for path in sources
+                               for problem in _schema_problems(_INTERACTIONS, _head(path), "interactions")),
+                *_schema_problems(_ITEMS, items, "items")]
+    if problems:
+        raise DataValidationError("\n".join(problems))
+    rows = {path: pq.ParquetFile(path).metadata.num_rows for path in sources}
+    report = {"before": {"interactions": sum(rows.values()), "items": len(items)}}
+    with duckdb_connection("validate", rules.get("engine"), out_dir.resolve().parent, f"cannot validate {raw}") as con:
+        _bind_interactions(con, sources)
+        con.execute(f"CREATE VIEW items AS SELECT item_id FROM read_parquet({sql_string(in_dir / 'items.parquet')})")
+        con.execute(f"CREATE TABLE violations AS {violations_query(rules)}")
+        counts = dict(zip([*texts, "null_timestamp"], con.execute(
+            f"SELECT {', '.join(f'SUM({name})' for name in [*texts, 'null_timestamp'])} FROM violations").fetchone()))
+        if counts["null_timestamp"]:
+            raise DataValidationError(f"schema check 'not_nullable' failed on interactions.timestamp: "
+                                      f"{counts['null_timestamp']} case(s) (timestamp must not be null)")
+        report["rules"] = _judge(policy, texts, {rule: (int(counts[rule] or 0), _sql_examples(con, rule) if counts[rule] else [])
+                                                 for rule in texts})
+        dropping = [rule for rule, entry in report["rules"].items() if entry["dropped"]]
+        kept = "SELECT user_id, item_id, rating, timestamp FROM interactions"
+        if dropping:
+            kept = (f"SELECT i.user_id, i.item_id, i.rating, i.timestamp FROM interactions i LEFT JOIN (SELECT file_row "
+                    f"FROM violations WHERE {' OR '.join(f'{rule} = 1' for rule in dropping)}) d "
+                    "ON i.file_row = d.file_row WHERE d.file_row IS NULL ORDER BY i.file_row")
+        elif increments:
+            kept += " ORDER BY file_row"
+        else:  # the raw file as it is: a streaming copy, in its order
+            con.execute("SET preserve_insertion_order = true")
+        written = con.execute(f"COPY ({kept}) TO {sql_string(out_dir / 'interactions.parquet')} "
+                              "(FORMAT parquet, COMPRESSION zstd)").fetchone()[0]
+    write_table(items.reset_index(drop=True), ITEMS_SCHEMA, out_dir / "items.parquet")
+    report["after"] = {"interactions": written, "items": len(items)}
+    if accepted_dir is not None:
+        report["increments"] = {path.name: rows[path] for path in increments}
+    return report
+
 def validate_stage(rules: dict, in_dir: str | Path = "data/raw", out_dir: str | Path = "data/interim",
                    report_path: str | Path = "reports/validation.json", accepted_dir: str | Path | None = None) -> dict:
     """Validate the raw tables in `in_dir`, with the increments accepted into `accepted_dir` (if given) appended,
-    write the cleaned ones to `out_dir` and the report to `report_path`."""
+    on DuckDB (`duckdb_validate`); write the cleaned ones to `out_dir` and the report to `report_path`."""
+    with atomic_output(out_dir) as tmp:
+        tmp.mkdir()
+        report = duckdb_validate(rules, in_dir, tmp, accepted_dir)
+    write_json(report_path, report)
+    log.info("validated: %d of %d interactions kept", report["after"]["interactions"],
+             report["before"]["interactions"])
+    return report
+
+def validate_tables(rules: dict, in_dir: str | Path, accepted_dir: str | Path | None = None
+                    ) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """The validate stage in pandas, in memory: (interactions, items, report) from the raw tables of `in_dir` with the
+    increments of `accepted_dir` appended and sorted. The reference `duckdb_validate` is tested against."""
     interactions, items = read_tables(in_dir)
     increments = read_increments(accepted_dir) if accepted_dir is not None else {}
     if increments:
@@ -445,11 +615,7 @@ def validate_stage(rules: dict, in_dir: str | Path = "data/raw", out_dir: str | 
     interactions, items, report = validate(interactions, items, rules)
     if accepted_dir is not None:
         report["increments"] = {name: len(frame) for name, frame in increments.items()}
-    write_tables(interactions, items, out_dir)
-    write_json(report_path, report)
-    log.info("validated: %d of %d interactions kept", report["after"]["interactions"],
-             report["before"]["interactions"])
-    return report
+    return interactions, items, report
 
 # %% ../../notebooks/01_data.ipynb #5fd74513
 ACCEPTED_DIR = "data/accepted"
@@ -468,10 +634,14 @@ def read_interactions_file(path: str | Path) -> pd.DataFrame:
 def read_increments(accepted_dir: str | Path = ACCEPTED_DIR) -> dict[str, pd.DataFrame]:
     "File name -> interactions of every increment (`*.parquet`) in `accepted_dir`, in name order; none if it is absent."
     increments = {}
-    for path in sorted(Path(accepted_dir).glob("*.parquet")):
+    for path in increment_paths(accepted_dir):
         with _reading(path):
             increments[path.name] = pd.read_parquet(path)
     return increments
+
+def increment_paths(accepted_dir: str | Path = ACCEPTED_DIR) -> list[Path]:
+    "The increments (`*.parquet`) in `accepted_dir`, in name order; none if it is absent."
+    return sorted(Path(accepted_dir).glob("*.parquet"))
 
 # %% ../../notebooks/01_data.ipynb #79f81696
 def main(argv: list[str] | None = None) -> None:

@@ -4,27 +4,23 @@
 from __future__ import annotations
 
 import argparse
-import tempfile
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from .core import ConfigError, DataError, atomic_output, get_logger, load_params, run_cli, write_parquet
-
-if TYPE_CHECKING:  # for annotations only; `_connect` says why DuckDB is imported where it is used
-    import duckdb
+from .core import (ConfigError, DataError, atomic_output, duckdb_connection, get_logger, load_params,
+                           run_cli, sql_string, write_parquet)
 
 # %% auto #0
-__all__ = ['SPLIT_COLUMNS', 'PARTS', 'SPLIT_QUERY', 'PART_QUERY', 'ENGINE_KEYS', 'implicit_positives', 'temporal_split',
-           'Catalog', 'Interactions', 'histories_matrix', 'HoldOut', 'SplitData', 'split_query', 'duckdb_split',
-           'split_on_spark', 'split_stage', 'main']
+__all__ = ['SPLIT_COLUMNS', 'PARTS', 'SPLIT_QUERY', 'PART_QUERY', 'implicit_positives', 'temporal_split', 'Catalog',
+           'Interactions', 'histories_matrix', 'HoldOut', 'SplitData', 'split_query', 'duckdb_split', 'split_on_spark',
+           'split_stage', 'main']
 
 # %% ../../notebooks/02_split.ipynb #259545ee
 SPLIT_COLUMNS = ["user_id", "item_id", "timestamp", "rating"]
@@ -218,7 +214,6 @@ FROM held_out
 PART_QUERY = """
 SELECT user_id, item_id, timestamp, rating FROM split_rows WHERE part = '{part}' ORDER BY user_id, timestamp, item_id
 """
-ENGINE_KEYS = ("memory_limit", "threads", "temp_directory")
 
 def split_query(holdout_fraction: float, min_interactions: int) -> str:
     "The portable SQL that labels each row of `interactions` (with its `file_row`) train, val or test."
@@ -229,50 +224,23 @@ def split_query(holdout_fraction: float, min_interactions: int) -> str:
         raise ConfigError(f"split.min_interactions must be a positive integer, got {min_interactions!r}")
     return SPLIT_QUERY.format(holdout_fraction=repr(float(holdout_fraction)), min_interactions=min_interactions)
 
-def _sql_string(value: str | Path) -> str:
-    return "'" + str(value).replace("'", "''") + "'"
-
-def _connect(database: Path, scratch: Path, engine: dict) -> duckdb.DuckDBPyConnection:
-    "A DuckDB connection with the `split.engine` settings, spilling into `scratch`."
-    import duckdb  # here, not at the top: the service imports this module for `Catalog`, and its bento has no DuckDB
-
-    unknown = sorted(set(engine) - set(ENGINE_KEYS))
-    if unknown:
-        raise ConfigError(f"split.engine has unknown key(s) {unknown}; keys are: {', '.join(ENGINE_KEYS)}")
-    settings = {key: engine[key] for key in ("memory_limit", "threads") if engine.get(key) is not None}
-    try:
-        return duckdb.connect(str(database), config={**settings, "temp_directory": str(scratch),
-                                                     "preserve_insertion_order": False})
-    except duckdb.Error as exc:
-        raise ConfigError(f"split.engine {settings} rejected by DuckDB: {exc}") from None
-
 def duckdb_split(interactions_path: str | Path, out_dir: str | Path, cfg: dict) -> dict[str, int]:
     """Write `train/val/test.parquet` into the existing folder `out_dir` from the interactions Parquet file, with the
     `split` config `cfg` (its optional `engine` section sets DuckDB's memory); returns the row count of each part."""
-    import duckdb  # see `_connect`
-
     query = split_query(cfg["holdout_fraction"], cfg["min_interactions"])
-    interactions_path, out_dir, engine = Path(interactions_path), Path(out_dir), cfg.get("engine") or {}
+    interactions_path, out_dir = Path(interactions_path), Path(out_dir)
     if not interactions_path.exists():
         raise DataError(f"{interactions_path} not found: run the validate stage first")
-    scratch_parent = Path(engine.get("temp_directory") or out_dir.resolve().parent)
-    scratch_parent.mkdir(parents=True, exist_ok=True)
-    with (tempfile.TemporaryDirectory(prefix=".split-spill-", dir=scratch_parent) as scratch,
-          _connect(Path(scratch) / "split.duckdb", Path(scratch), engine) as con):
-        try:
-            con.execute("CREATE VIEW interactions AS SELECT user_id, item_id, timestamp, rating, "
-                        f"file_row_number AS file_row FROM read_parquet({_sql_string(interactions_path)}, "
-                        "file_row_number = true)")
-            con.execute(f"CREATE TABLE split_rows AS {query}")
-            return {part: con.execute(f"COPY ({PART_QUERY.format(part=part)}) TO "
-                                      f"{_sql_string(out_dir / f'{part}.parquet')} "
-                                      "(FORMAT parquet, COMPRESSION zstd)").fetchone()[0]
-                    for part in PARTS}
-        except duckdb.OutOfMemoryException as exc:
-            raise DataError(f"the split ran out of memory: raise split.engine.memory_limit or give "
-                            f"split.engine.temp_directory more room ({exc})") from None
-        except duckdb.Error as exc:
-            raise DataError(f"cannot split {interactions_path}: {exc}") from None
+    with duckdb_connection("split", cfg.get("engine"), out_dir.resolve().parent,
+                           f"cannot split {interactions_path}") as con:
+        con.execute("CREATE VIEW interactions AS SELECT user_id, item_id, timestamp, rating, "
+                    f"file_row_number AS file_row FROM read_parquet({sql_string(interactions_path)}, "
+                    "file_row_number = true)")
+        con.execute(f"CREATE TABLE split_rows AS {query}")
+        return {part: con.execute(f"COPY ({PART_QUERY.format(part=part)}) TO "
+                                  f"{sql_string(out_dir / f'{part}.parquet')} "
+                                  "(FORMAT parquet, COMPRESSION zstd)").fetchone()[0]
+                for part in PARTS}
 
 # %% ../../notebooks/02_split.ipynb #7c3e0a52
 def split_on_spark(interactions_path: str | Path, out_dir: str | Path, cfg: dict,

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .core import ConfigError, atomic_output, get_logger
-from .data import INTERACTIONS_SCHEMA, ITEMS_SCHEMA, items_frame
+from .data import INTERACTIONS_SCHEMA, ITEMS_SCHEMA, items_frame, sampled_users
 
 log = get_logger("reelrank.synthetic")
 
@@ -407,17 +407,26 @@ def load_synthetic(cfg: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
     return pd.concat(blocks, ignore_index=True), items
 
 def write_synthetic(cfg: dict, out_dir: str | Path) -> dict[str, int]:
-    """Write `interactions.parquet` and `items.parquet` into `out_dir` (atomically), one block of users at a time;
+    """Write `interactions.parquet` and `items.parquet` into `out_dir` (atomically), one block of users at a time,
+    keeping only the `cfg['max_users']` sample of `load_source` and the items its users rated when that is set;
     returns the row counts."""
     items, blocks = synthetic_tables(cfg)
+    sample = None if cfg.get("max_users") is None else sampled_users(np.arange(1, cfg["users"] + 1), cfg["max_users"])
+    rated = np.zeros(len(items) + 1, bool)  # by item_id, which runs from 1
     rows = 0
     with atomic_output(out_dir) as tmp:
         tmp.mkdir()
-        pq.write_table(pa.Table.from_pandas(items, schema=ITEMS_SCHEMA, preserve_index=False), tmp / "items.parquet",
-                       compression="zstd")
         with pq.ParquetWriter(tmp / "interactions.parquet", INTERACTIONS_SCHEMA, compression="zstd") as writer:
             for block in blocks:
-                writer.write_table(pa.Table.from_pandas(block, schema=INTERACTIONS_SCHEMA, preserve_index=False))
-                rows += len(block)
+                if sample is not None:
+                    block = block[block["user_id"].isin(sample)]
+                    rated[block["item_id"].to_numpy()] = True
+                if len(block):
+                    writer.write_table(pa.Table.from_pandas(block, schema=INTERACTIONS_SCHEMA, preserve_index=False))
+                    rows += len(block)
+        if sample is not None:
+            items = items[rated[items["item_id"].to_numpy()]].reset_index(drop=True)
+        pq.write_table(pa.Table.from_pandas(items, schema=ITEMS_SCHEMA, preserve_index=False), tmp / "items.parquet",
+                       compression="zstd")
     log.info("synthetic: wrote %d interactions and %d items to %s", rows, len(items), out_dir)
     return {"interactions": rows, "items": len(items)}
