@@ -58,6 +58,10 @@ def store_metadata(value):
 def save_model_to_store(directory: str | Path, serve: dict):
     "Save a model directory into the BentoML model store as a new version of `MODEL_NAME`; returns the model."
     import bentoml
+    import pandas as pd
+
+    from reelrank.recommend import UserHistories
+    from reelrank.split import Catalog
 
     directory = Path(directory)
     files = model_files(directory)
@@ -70,6 +74,8 @@ def save_model_to_store(directory: str | Path, serve: dict):
             target = Path(model.path) / name
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(directory / name, target)
+        catalog = Catalog.from_frame(pd.read_parquet(directory / "items.parquet"))
+        UserHistories.from_frame(pd.read_parquet(directory / "interactions.parquet"), catalog).save(model.path)
     return model
 
 def package_stage(serve: dict, model_dir: str | Path = "models/selected", out_dir: str | Path = "models/bento",
