@@ -58,10 +58,8 @@ def store_metadata(value):
 def save_model_to_store(directory: str | Path, serve: dict):
     "Save a model directory into the BentoML model store as a new version of `MODEL_NAME`; returns the model."
     import bentoml
-    import pandas as pd
 
-    from reelrank.recommend import UserHistories
-    from reelrank.split import Catalog
+    from reelrank.recommend import write_serving_files
 
     directory = Path(directory)
     files = model_files(directory)
@@ -74,8 +72,7 @@ def save_model_to_store(directory: str | Path, serve: dict):
             target = Path(model.path) / name
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(directory / name, target)
-        catalog = Catalog.from_frame(pd.read_parquet(directory / "items.parquet"))
-        UserHistories.from_frame(pd.read_parquet(directory / "interactions.parquet"), catalog).save(model.path)
+        write_serving_files(model.path, serve["ann"]["min_items"])
     return model
 
 def package_stage(serve: dict, model_dir: str | Path = "models/selected", out_dir: str | Path = "models/bento",

@@ -18,8 +18,8 @@ from .models.base import Recommender, load_model
 from .split import Catalog
 
 # %% auto #0
-__all__ = ['FACTOR_VECTORS', 'HISTORIES_DIR', 'HISTORY_ARRAYS', 'factor_vectors', 'FaissTopK', 'UserHistories', 'Recommendation',
-           'RecommendationEngine', 'main']
+__all__ = ['FACTOR_VECTORS', 'ANN_FILE', 'HISTORIES_DIR', 'HISTORY_ARRAYS', 'factor_vectors', 'FaissTopK', 'UserHistories',
+           'Recommendation', 'RecommendationEngine', 'write_serving_files', 'main']
 
 # %% ../../notebooks/08_recommend.ipynb #0a68ff67
 def _ials_vectors(model: Recommender) -> tuple[Callable[[Sequence[np.ndarray]], torch.Tensor], torch.Tensor]:
@@ -35,6 +35,8 @@ def factor_vectors(model: Recommender) -> tuple[Callable[[Sequence[np.ndarray]],
     split = FACTOR_VECTORS.get(model.family)
     return split(model) if split else None
 
+ANN_FILE = "ann.faiss"  # in a saved model directory: the FaissTopK index of its item vectors
+
 class FaissTopK:
     "Approximate top-k by inner product over item vectors (FAISS IVF), never returning a row's seen items."
 
@@ -48,6 +50,26 @@ class FaissTopK:
         self.index.train(vectors)
         self.index.add(vectors)
         self.index.nprobe = min(nprobe, n_lists)
+
+    def save(self, path: str | Path) -> None:
+        "Write the trained index to `path` (atomically)."
+        import faiss
+
+        with atomic_output(path) as tmp:
+            faiss.write_index(self.index, str(tmp))
+
+    @classmethod
+    def open(cls, path: str | Path, item_vectors: torch.Tensor, nprobe: int = 32) -> FaissTopK:
+        "The index `save` wrote, memory-mapped read-only; it must index exactly `item_vectors`' rows and width."
+        import faiss
+
+        self = cls.__new__(cls)
+        self.index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP)
+        if (self.index.ntotal, self.index.d) != tuple(item_vectors.shape):
+            raise DataError(f"{path} indexes {self.index.ntotal} vectors of width {self.index.d}, but the model has "
+                            f"{tuple(item_vectors.shape)}: package the model again")
+        self.index.nprobe = min(nprobe, self.index.nlist)
+        return self
 
     def search(self, queries: torch.Tensor, k: int, seen: Sequence[np.ndarray] | None) -> tuple[torch.Tensor, torch.Tensor]:
         "Top-`k` (values, item indices) per query row, padded with (-inf, -1) like `topk_unseen`."
@@ -149,10 +171,10 @@ class Recommendation:
 class RecommendationEngine:
     """Top-k recommendations from a saved model directory with its fitting interactions (a table, or the
     `UserHistories` built from it). With `ann_min_items`, factor models over at least that many items rank with a
-    `FaissTopK` index."""
+    `FaissTopK` index: the one saved at `ann_file` when given, else one built here."""
 
     def __init__(self, model: Recommender, interactions: pd.DataFrame | UserHistories, ann_min_items: int | None = None,
-                 ann_nprobe: int = 32):
+                 ann_nprobe: int = 32, ann_file: str | Path | None = None):
         self.model = model
         self.catalog = model.catalog
         self.histories = (interactions if isinstance(interactions, UserHistories)
@@ -162,19 +184,25 @@ class RecommendationEngine:
         self.popular = torch.as_tensor(counts - np.arange(len(counts)) / (10.0 * len(counts)), dtype=torch.float32)
         self.titles = self.catalog.items.title.fillna("").astype(str).to_numpy()
         vectors = factor_vectors(model) if ann_min_items is not None and self.catalog.n_items >= ann_min_items else None
-        self.user_vectors, self.ann = (vectors[0], FaissTopK(vectors[1], ann_nprobe)) if vectors else (None, None)
+        self.user_vectors, self.ann = None, None
+        if vectors:
+            self.user_vectors = vectors[0]
+            self.ann = (FaissTopK.open(ann_file, vectors[1], ann_nprobe) if ann_file is not None
+                        else FaissTopK(vectors[1], ann_nprobe))
 
     @classmethod
     def load(cls, directory: str | Path, **options) -> RecommendationEngine:
         """The engine for a saved model directory; `options` go to the constructor (`ann_min_items`, `ann_nprobe`).
-        Its `histories/` arrays are memory-mapped when it has them (a packaged model); else they are built in
-        memory from `interactions.parquet`."""
+        Its `histories/` arrays and FAISS index are memory-mapped when it has them (a packaged model); else they
+        are built in memory from `interactions.parquet` and the item vectors."""
         directory = Path(directory)
+        ann_file = directory / ANN_FILE if (directory / ANN_FILE).exists() else None
         if (directory / HISTORIES_DIR).is_dir():
-            return cls(load_model(directory), UserHistories.open(directory), **options)
+            return cls(load_model(directory), UserHistories.open(directory), ann_file=ann_file, **options)
         if not (directory / "interactions.parquet").exists():
             raise ReelrankError(f"{directory} has no interactions.parquet: point at models/selected (dvc repro select)")
-        return cls(load_model(directory), pd.read_parquet(directory / "interactions.parquet"), **options)
+        return cls(load_model(directory), pd.read_parquet(directory / "interactions.parquet"), ann_file=ann_file,
+                   **options)
 
     def knows_user(self, user_id: int) -> bool:
         return int(user_id) in self.histories
@@ -239,6 +267,18 @@ class RecommendationEngine:
                 for rank, (item, title, score) in enumerate(zip(answer.item_ids, answer.titles, answer.scores))]
         return pd.DataFrame(rows, columns=["user_id", "rank", "item_id", "title", "score", "fallback"]).astype(
             {"user_id": "int64", "rank": "int16", "item_id": "int64", "score": "float32"})
+
+# %% ../../notebooks/08_recommend.ipynb #a7b8c9d0
+def write_serving_files(directory: str | Path, ann_min_items: int | None) -> list[str]:
+    "Write the histories (and the FAISS index when the model ranks with one) into a saved model directory; their names."
+    directory = Path(directory)
+    model = load_model(directory)
+    UserHistories.from_frame(pd.read_parquet(directory / "interactions.parquet"), model.catalog).save(directory)
+    vectors = factor_vectors(model) if ann_min_items is not None and model.catalog.n_items >= ann_min_items else None
+    if vectors is None:
+        return [HISTORIES_DIR]
+    FaissTopK(vectors[1]).save(directory / ANN_FILE)
+    return [HISTORIES_DIR, ANN_FILE]
 
 # %% ../../notebooks/08_recommend.ipynb #6b4bfce9
 def main(argv: list[str] | None = None) -> None:
