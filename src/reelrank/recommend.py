@@ -151,11 +151,15 @@ class UserHistories:
             return np.zeros(0, np.int64)
         return self.items[self.indptr[row]:self.indptr[row + 1]].astype(np.int64)
 
-    def item_counts(self, n_items: int) -> np.ndarray:
+    def item_counts(self, n_items: int, chunk: int = 1 << 22) -> np.ndarray:
         "How many interactions each of `n_items` items has."
-        counts = np.bincount(self.items, minlength=n_items)
-        if len(counts) > n_items:
-            raise DataError(f"histories reference item index {len(counts) - 1}, beyond the catalog's {n_items} items")
+        counts = np.zeros(n_items, np.int64)
+        # in chunks: bincount widens int32 to int64, a copy as large as twice the items if done at once
+        for start in range(0, len(self.items), chunk):
+            part = np.bincount(self.items[start:start + chunk], minlength=n_items)
+            if len(part) > n_items:
+                raise DataError(f"histories reference item index {len(part) - 1}, beyond the catalog's {n_items} items")
+            counts += part
         return counts
 
 # %% ../../notebooks/08_recommend.ipynb #2285ad4f

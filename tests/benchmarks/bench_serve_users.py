@@ -127,7 +127,8 @@ if mode == "dict":  # what RecommendationEngine held before UserHistories
                                      Catalog.from_frame(pd.read_parquet(model_dir / "items.parquet")))
     histories = dict(zip(fitted.user_ids.tolist(), fitted.histories))
     del fitted
-    held = (sys.getsizeof(histories) + sum(sys.getsizeof(user) + sys.getsizeof(items)
+    # each history is a view into one array of every user's items: its header, plus its share of that array
+    held = (sys.getsizeof(histories) + sum(sys.getsizeof(user) + sys.getsizeof(items) + items.nbytes
                                            for user, items in histories.items()))
     users = len(histories)
 else:
