@@ -19,10 +19,12 @@ figures, not a test).
    that each send their next call when the last is answered (concurrency 32). Each API worker's RSS and PSS (with
    their anonymous and file-backed parts) from /proc/PID/smaps_rollup after startup and after the calls: PSS
    divides a page shared by n processes by n, so it is what a worker costs the machine.
-   Variants: `arrays`, this checkout (histories memory-mapped from the packaged model's histories/*.npy); and
-   `dict`, the code of --reference-commit (taken with `git archive`), whose workers each built the dict from
-   interactions.parquet; its latency runs are --reference-requests calls, and 50 users' answers are compared with
-   the arrays variant's.
+   Also the files of the stored model each worker has memory-mapped (/proc/PID/maps).
+   Variants: `arrays`, this checkout (the histories and the FAISS index memory-mapped from the packaged model's
+   histories/*.npy and ann.faiss); and `dict`, the code of --reference-commit (taken with `git archive`), whose
+   workers each built the dict of histories from interactions.parquet, trained their own FAISS index and folded in
+   every request with a fresh catalog-wide YᵀY; its latency runs are --reference-requests calls, and 50 users'
+   answers are compared with the arrays variant's.
 
 The machine is shared: the 1-minute load average is recorded beside each figure. Figures are printed and written to
 reports/benchmarks/serve_users.json. Loopback only; each server is stopped by its process group.
@@ -157,9 +159,17 @@ def smaps(pid: int) -> dict:
             for name in SMAPS_FIELDS}
 
 
-def worker_memory(server_pid: int) -> dict:
+def mapped_model_files(pid: int, model_dir: Path) -> list[str]:
+    "The files of the stored model that process `pid` has memory-mapped."
+    paths = {line.split(maxsplit=5)[-1].strip() for line in Path(f"/proc/{pid}/maps").read_text().splitlines()
+             if str(model_dir) in line}
+    return sorted(str(Path(path).relative_to(model_dir)) for path in paths)
+
+
+def worker_memory(server_pid: int, model_dir: Path) -> dict:
     workers = sorted(worker_cpu_seconds(server_pid))
-    return {"workers": [smaps(pid) for pid in workers], "load": os.getloadavg()[0]}
+    return {"workers": [{**smaps(pid), "mapped": mapped_model_files(pid, model_dir)} for pid in workers],
+            "load": os.getloadavg()[0]}
 
 
 async def closed_loop(port: int, bodies: list[bytes], concurrency: int) -> tuple[list[float], float]:
@@ -206,7 +216,9 @@ def serve_variant(name: str, root: Path, model_dir: Path, serve: dict, work: Pat
     for variable in (serve["auth_token_env"], serve["request_log_env"]):
         env.pop(variable, None)
     started = time.perf_counter()
-    bento = package(model_dir, serve, work, env, root)["bento"]
+    summary = package(model_dir, serve, work, env, root)
+    bento, (model_name, model_version) = summary["bento"], summary["model"].split(":")
+    stored = work / "bentoml" / "models" / model_name / model_version
     figures = {"variant": name, "package_seconds": time.perf_counter() - started, "load_package": os.getloadavg()[0]}
     print(f"[{name}] packaged in {figures['package_seconds']:.1f} s (load {figures['load_package']:.2f})", flush=True)
     port, log_path = free_port(), work / "serve.log"
@@ -224,7 +236,7 @@ def serve_variant(name: str, root: Path, model_dir: Path, serve: dict, work: Pat
             time.sleep(0.1)
         figures["startup"] = {"readyz_s": readyz_s, "all_workers_s": time.perf_counter() - started,
                               "load_before": load_before, "load_after": os.getloadavg()[0]}
-        figures["memory_after_startup"] = worker_memory(proc.pid)
+        figures["memory_after_startup"] = worker_memory(proc.pid, stored)
         print(f"[{name}] /readyz after {readyz_s:.1f} s, every worker initialised after "
               f"{figures['startup']['all_workers_s']:.1f} s (load {load_before:.2f} -> "
               f"{figures['startup']['load_after']:.2f})", flush=True)
@@ -239,12 +251,14 @@ def serve_variant(name: str, root: Path, model_dir: Path, serve: dict, work: Pat
         many, seconds = asyncio.run(closed_loop(port, bodies[200 + requests:], 32))
         figures["concurrency_32"] = {"requests": len(many), **percentiles(many), "per_s": len(many) / seconds,
                                      "load_before": load, "load_after": os.getloadavg()[0]}
-        figures["memory_after_calls"] = worker_memory(proc.pid)
+        figures["memory_after_calls"] = worker_memory(proc.pid, stored)
         figures["answers"] = answers(port, users[:50])
         for level in ("concurrency_1", "concurrency_32"):
             row = figures[level]
             print(f"[{name}] {level}: {row['requests']} calls, p50 {row['p50_ms']:.1f} ms, p99 {row['p99_ms']:.1f} ms "
                   f"(load {row['load_before']:.2f} -> {row['load_after']:.2f})", flush=True)
+        print(f"[{name}] files of the stored model each worker maps: "
+              f"{[w['mapped'] for w in figures['memory_after_calls']['workers']]}", flush=True)
         for when in ("memory_after_startup", "memory_after_calls"):
             print(f"[{name}] {when}: " + "; ".join(
                 f"worker RSS {w['rss_mb']:.0f} MB, PSS {w['pss_mb']:.0f} MB (anon {w['pss_anon_mb']:.0f}, "
