@@ -36,6 +36,7 @@ import json
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -209,7 +210,8 @@ def answers(port: int, users: list[int]) -> list[list[int]]:
 def serve_variant(name: str, root: Path, model_dir: Path, serve: dict, work: Path, users: list[int],
                   requests: int) -> dict:
     "Package and serve `model_dir` with the code of `root`; startup, memory and latency figures (see the docstring)."
-    work.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(work, ignore_errors=True)  # a fresh BentoML home: the last run's bento and model are not kept
+    work.mkdir(parents=True)
     env = {**os.environ, "BENTOML_HOME": str(work / "bentoml"), "BENTOML_DO_NOT_TRACK": "true",
            "PYTHONPATH": str(root / "src"), "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
            serve["auth_switch_env"]: "off"}
@@ -219,7 +221,10 @@ def serve_variant(name: str, root: Path, model_dir: Path, serve: dict, work: Pat
     summary = package(model_dir, serve, work, env, root)
     bento, (model_name, model_version) = summary["bento"], summary["model"].split(":")
     stored = work / "bentoml" / "models" / model_name / model_version
-    figures = {"variant": name, "package_seconds": time.perf_counter() - started, "load_package": os.getloadavg()[0]}
+    figures = {"variant": name, "package_seconds": time.perf_counter() - started, "load_package": os.getloadavg()[0],
+               "stored_model": str(stored), "stored_files_mb": {
+                   str(path.relative_to(stored)): path.stat().st_size / 2**20 for path in sorted(stored.rglob("*"))
+                   if path.is_file()}}
     print(f"[{name}] packaged in {figures['package_seconds']:.1f} s (load {figures['load_package']:.2f})", flush=True)
     port, log_path = free_port(), work / "serve.log"
     load_before = os.getloadavg()[0]
@@ -301,10 +306,12 @@ def main() -> None:
     result = {"load_before": os.getloadavg(), "sizes": {"users": args.users, "interactions": args.interactions,
                                                         "items": MOVIES}, "model": {"ials": IALS_PARAMS}}
     data_dir = generate(work, args.users, args.interactions)
-    model_dir = work / f"model-{args.users}-{args.interactions}"
+    model_dir, fit_figures = (work / f"model-{args.users}-{args.interactions}",
+                              work / f"model-{args.users}-{args.interactions}.fit.json")
     if not (model_dir / "card.json").exists():
-        result["model"]["fit"] = fit_model(data_dir, model_dir)
+        fit_figures.write_text(json.dumps(fit_model(data_dir, model_dir)))
         gc.collect()
+    result["model"]["fit"] = json.loads(fit_figures.read_text())
     serve = {**yaml.safe_load((ROOT / "conf" / "serve" / "default.yaml").read_text()), "workers": 2}
     serve["ann"] = {**serve["ann"], "min_items": 50_000}
     result["serve"] = {"workers": serve["workers"], "ann": serve["ann"], "torch_threads": serve["torch_threads"]}
@@ -313,7 +320,7 @@ def main() -> None:
     result["served"] = {"arrays": serve_variant("arrays", ROOT, model_dir, serve, work / "arrays", users,
                                                 args.requests)}
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    stored = next((work / "arrays" / "bentoml" / "models" / "reelrank-recommender").glob("*/histories")).parent
+    stored = Path(result["served"]["arrays"]["stored_model"])
     result["held_in_process"] = {"dict": held_sizes("dict", model_dir, env), "arrays": held_sizes("arrays", stored, env)}
     for mode, row in result["held_in_process"].items():
         print(f"histories held as {mode}: {row['held_mb']:.0f} MB of objects, RSS {row['rss_before_mb']:.0f} -> "
