@@ -260,8 +260,9 @@ def serve_variant(name: str, root: Path, model_dir: Path, serve: dict, work: Pat
         figures["answers"] = answers(port, users[:50])
         for level in ("concurrency_1", "concurrency_32"):
             row = figures[level]
-            print(f"[{name}] {level}: {row['requests']} calls, p50 {row['p50_ms']:.1f} ms, p99 {row['p99_ms']:.1f} ms "
-                  f"(load {row['load_before']:.2f} -> {row['load_after']:.2f})", flush=True)
+            rate = f", {row['per_s']:.0f} calls/s" if "per_s" in row else ""
+            print(f"[{name}] {level}: {row['requests']} calls, p50 {row['p50_ms']:.1f} ms, p99 {row['p99_ms']:.1f} ms"
+                  f"{rate} (load {row['load_before']:.2f} -> {row['load_after']:.2f})", flush=True)
         print(f"[{name}] files of the stored model each worker maps: "
               f"{[w['mapped'] for w in figures['memory_after_calls']['workers']]}", flush=True)
         for when in ("memory_after_startup", "memory_after_calls"):
