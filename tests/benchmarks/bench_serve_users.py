@@ -309,7 +309,7 @@ def main() -> None:
     data_dir = generate(work, args.users, args.interactions)
     model_dir, fit_figures = (work / f"model-{args.users}-{args.interactions}",
                               work / f"model-{args.users}-{args.interactions}.fit.json")
-    if not (model_dir / "card.json").exists():
+    if not fit_figures.exists():  # written after the model: a model without it is refit
         fit_figures.write_text(json.dumps(fit_model(data_dir, model_dir)))
         gc.collect()
     result["model"]["fit"] = json.loads(fit_figures.read_text())
