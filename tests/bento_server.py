@@ -19,12 +19,13 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-def package(model_dir: Path, serve: dict, work: Path, env: dict) -> dict:
-    "Package `model_dir` with `serve` as the bento's arguments into work/bento; returns its bento.json summary."
+def package(model_dir: Path, serve: dict, work: Path, env: dict, root: Path = ROOT) -> dict:
+    """Package `model_dir` with `serve` as the bento's arguments into work/bento, with the bentofile and src/ of
+    `root` (another checkout of the project, for a benchmark's reference); returns its bento.json summary."""
     (work / "params.yaml").write_text(yaml.safe_dump({"serve": serve}))
     proc = subprocess.run([sys.executable, "-m", "reelrank.package", "--params", str(work / "params.yaml"),
                            "--model", str(model_dir), "--out", str(work / "bento")],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
+                          cwd=root, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads((work / "bento" / "bento.json").read_text())
 

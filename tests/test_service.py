@@ -31,6 +31,7 @@ from conftest import ROOT, VENV_BIN, project_env
 from reelrank.core import write_json, write_parquet
 from reelrank.models.base import save_model
 from reelrank.models.ease import EASE
+from reelrank.recommend import RecommendationEngine
 from reelrank.request_log import LOG_FIELDS, read_request_log
 from reelrank.split import Catalog, Interactions
 
@@ -120,7 +121,8 @@ def test_package_stage_outputs(packaged):
     name, version = summary["model"].split(":")
     stored = Path(env["BENTOML_HOME"]) / "models" / name / version
     assert sorted(p.name for p in stored.iterdir() if p.name != "model.yaml") == [
-        "card.json", "ease.safetensors", "interactions.parquet", "items.parquet", "model.json"]
+        "card.json", "ease.safetensors", "histories", "interactions.parquet", "items.parquet", "model.json"]
+    assert sorted(p.name for p in (stored / "histories").iterdir()) == ["indptr.npy", "items.npy", "user_ids.npy"]
     info = yaml.safe_load((stored / "model.yaml").read_text())
     assert info["labels"]["git_commit"] == "a" * 40 and info["metadata"]["serve"]["max_body_bytes"] == MAX_BODY
     assert info["metadata"]["card"]["test"] == {"ndcg@10": 0.1}
@@ -192,6 +194,34 @@ def test_unknown_history_movies_are_ignored_and_listed(client):
     assert not {10, 20} & {item["movie_id"] for item in body["items"]}
     only_unknown = client.post("/recommend", json={"history": [UNKNOWN_MOVIE]}).json()
     assert only_unknown["fallback"] == "popularity" and only_unknown["ignored_history"] == [UNKNOWN_MOVIE]
+
+
+def processes_mapping(path: Path) -> list[int]:
+    "PIDs of this user's processes that have `path` memory-mapped."
+    found = []
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        try:
+            if str(path) in maps.read_text():
+                found.append(int(maps.parent.name))
+        except OSError:  # another user's process, or one that just exited
+            continue
+    return found
+
+
+def test_workers_share_the_memory_mapped_histories(packaged, server):
+    "Every API worker maps the packaged model's histories (not a copy of its own) and answers as the engine does."
+    work, env, summary = packaged
+    name, version = summary["model"].split(":")
+    items = Path(env["BENTOML_HOME"]) / "models" / name / version / "histories" / "items.npy"
+    deadline = time.monotonic() + 60  # /readyz answers once one worker is ready; the other may still be loading
+    while len(processes_mapping(items)) < serve_config()["workers"] and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert len(processes_mapping(items)) == serve_config()["workers"]
+    engine = RecommendationEngine.load(work / "selected")  # histories built in memory from interactions.parquet
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    for user in range(1, 61, 7):  # a new connection each: calls reach whichever worker accepts first
+        body = httpx.post(f"{server}/recommend", json={"user_id": user, "k": 5}, headers=headers).json()
+        assert [item["movie_id"] for item in body["items"]] == engine.recommend([(user, None)], 5)[0].item_ids
 
 
 def test_similar(client):

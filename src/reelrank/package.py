@@ -59,6 +59,8 @@ def save_model_to_store(directory: str | Path, serve: dict):
     "Save a model directory into the BentoML model store as a new version of `MODEL_NAME`; returns the model."
     import bentoml
 
+    from reelrank.recommend import write_serving_files
+
     directory = Path(directory)
     files = model_files(directory)
     card = read_json(directory / "card.json")
@@ -70,6 +72,7 @@ def save_model_to_store(directory: str | Path, serve: dict):
             target = Path(model.path) / name
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(directory / name, target)
+        write_serving_files(model.path, serve["ann"]["min_items"])
     return model
 
 def package_stage(serve: dict, model_dir: str | Path = "models/selected", out_dir: str | Path = "models/bento",

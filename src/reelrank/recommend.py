@@ -12,19 +12,21 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .core import ReelrankError, atomic_output, run_cli, write_parquet
+from .core import DataError, ReelrankError, atomic_output, run_cli, write_parquet
 from .metrics import topk_unseen
 from .models.base import Recommender, load_model
-from .split import Interactions
+from .split import Catalog
 
 # %% auto #0
-__all__ = ['FACTOR_VECTORS', 'factor_vectors', 'FaissTopK', 'Recommendation', 'RecommendationEngine', 'main']
+__all__ = ['FACTOR_VECTORS', 'ANN_FILE', 'HISTORIES_DIR', 'HISTORY_ARRAYS', 'factor_vectors', 'FaissTopK', 'UserHistories',
+           'Recommendation', 'RecommendationEngine', 'write_serving_files', 'main']
 
 # %% ../../notebooks/08_recommend.ipynb #0a68ff67
 def _ials_vectors(model: Recommender) -> tuple[Callable[[Sequence[np.ndarray]], torch.Tensor], torch.Tensor]:
-    from reelrank.models.ials import fold_in
+    from reelrank.models.ials import fold_in, fold_in_gram
     alpha, reg = float(model.params.get("alpha", 10.0)), float(model.params.get("regularization", 0.05))
-    return (lambda histories: fold_in(model.item_factors, histories, alpha, reg)), model.item_factors
+    gram = fold_in_gram(model.item_factors, reg)  # once: over 62k items it is most of a fold-in's time
+    return (lambda histories: fold_in(model.item_factors, histories, alpha, reg, gram)), model.item_factors
 
 FACTOR_VECTORS: dict[str, Callable] = {"ials": _ials_vectors}
 
@@ -32,6 +34,8 @@ def factor_vectors(model: Recommender) -> tuple[Callable[[Sequence[np.ndarray]],
     "(histories -> user vectors, item vectors) with scores = users @ items.T, or None for other model families."
     split = FACTOR_VECTORS.get(model.family)
     return split(model) if split else None
+
+ANN_FILE = "ann.faiss"  # in a saved model directory: the FaissTopK index of its item vectors
 
 class FaissTopK:
     "Approximate top-k by inner product over item vectors (FAISS IVF), never returning a row's seen items."
@@ -46,6 +50,26 @@ class FaissTopK:
         self.index.train(vectors)
         self.index.add(vectors)
         self.index.nprobe = min(nprobe, n_lists)
+
+    def save(self, path: str | Path) -> None:
+        "Write the trained index to `path` (atomically)."
+        import faiss
+
+        with atomic_output(path) as tmp:
+            faiss.write_index(self.index, str(tmp))
+
+    @classmethod
+    def open(cls, path: str | Path, item_vectors: torch.Tensor, nprobe: int = 32) -> FaissTopK:
+        "The index `save` wrote, memory-mapped read-only; it must index exactly `item_vectors`' rows and width."
+        import faiss
+
+        self = cls.__new__(cls)
+        self.index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP)
+        if (self.index.ntotal, self.index.d) != tuple(item_vectors.shape):
+            raise DataError(f"{path} indexes {self.index.ntotal} vectors of width {self.index.d}, but the model has "
+                            f"{tuple(item_vectors.shape)}: package the model again")
+        self.index.nprobe = min(nprobe, self.index.nlist)
+        return self
 
     def search(self, queries: torch.Tensor, k: int, seen: Sequence[np.ndarray] | None) -> tuple[torch.Tensor, torch.Tensor]:
         "Top-`k` (values, item indices) per query row, padded with (-inf, -1) like `topk_unseen`."
@@ -62,6 +86,82 @@ class FaissTopK:
             out_values[row, :len(found)] = torch.as_tensor(values[row][keep][:k])
         return out_values, out_items
 
+# %% ../../notebooks/08_recommend.ipynb #b7d2f3a4
+HISTORIES_DIR = "histories"  # in a model directory: the arrays below as <name>.npy
+HISTORY_ARRAYS = {"user_ids": np.int64, "indptr": np.int64, "items": np.int32}
+
+@dataclass(frozen=True)
+class UserHistories:
+    """Known users' histories in CSR form: `user_ids` (sorted raw ids), `indptr` (user r's items are
+    `items[indptr[r]:indptr[r + 1]]`) and `items` (catalog indices in time order)."""
+    user_ids: np.ndarray
+    indptr: np.ndarray
+    items: np.ndarray
+
+    @classmethod
+    def from_frame(cls, interactions: pd.DataFrame, catalog: Catalog) -> UserHistories:
+        "Each user's items ordered by (timestamp, item_id), as `Interactions.from_frame` orders them."
+        users = interactions.user_id.to_numpy(np.int64)
+        raw_items = interactions.item_id.to_numpy(np.int64)
+        order = np.lexsort((raw_items, interactions.timestamp.to_numpy(), users))  # stable, last key first
+        users, idx = users[order], catalog.index_of(raw_items[order])
+        if (idx < 0).any():
+            raise DataError(f"{int((idx < 0).sum())} interactions reference items missing from the catalog, e.g. "
+                            f"item_id {raw_items[order][idx < 0][:5].tolist()}")
+        if catalog.n_items > np.iinfo(np.int32).max:
+            raise DataError(f"{catalog.n_items} items do not fit the int32 item indices of UserHistories")
+        user_ids, starts = np.unique(users, return_index=True)
+        return cls(user_ids, np.append(starts, len(users)).astype(np.int64), idx.astype(np.int32))
+
+    def save(self, directory: str | Path) -> None:
+        "Write the arrays as `directory/histories/<name>.npy` (the folder replaced whole, or left as it was)."
+        with atomic_output(Path(directory) / HISTORIES_DIR) as tmp:
+            tmp.mkdir()
+            for name in HISTORY_ARRAYS:
+                np.save(tmp / f"{name}.npy", getattr(self, name))
+
+    @classmethod
+    def open(cls, directory: str | Path) -> UserHistories:
+        "The arrays saved in `directory` by `save`, memory-mapped read-only (shared by every process that opens them)."
+        folder = Path(directory) / HISTORIES_DIR
+        arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r", allow_pickle=False) for name in HISTORY_ARRAYS}
+        wrong = [f"{name}.npy is {arrays[name].dtype}{list(arrays[name].shape)}, not 1-d {np.dtype(dtype)}"
+                 for name, dtype in HISTORY_ARRAYS.items()
+                 if arrays[name].dtype != dtype or arrays[name].ndim != 1]
+        if not wrong and (len(arrays["indptr"]) != len(arrays["user_ids"]) + 1 or arrays["indptr"][0] != 0
+                          or arrays["indptr"][-1] != len(arrays["items"])):
+            wrong.append(f"indptr does not span {len(arrays['user_ids'])} users and {len(arrays['items'])} items")
+        if wrong:
+            raise DataError(f"{folder} is not a UserHistories folder: {'; '.join(wrong)}; package the model again")
+        return cls(**arrays)
+
+    def __len__(self) -> int: return len(self.user_ids)
+
+    def position(self, user_id: int) -> int:
+        "The row of `user_id`, or -1 when it is not a known user."
+        row = int(np.searchsorted(self.user_ids, user_id))
+        return row if row < len(self.user_ids) and self.user_ids[row] == user_id else -1
+
+    def __contains__(self, user_id: int) -> bool: return self.position(user_id) >= 0
+
+    def get(self, user_id: int) -> np.ndarray:
+        "`user_id`'s items (catalog indices, int64, in time order); empty for an unknown user."
+        row = self.position(user_id)
+        if row < 0:
+            return np.zeros(0, np.int64)
+        return self.items[self.indptr[row]:self.indptr[row + 1]].astype(np.int64)
+
+    def item_counts(self, n_items: int, chunk: int = 1 << 22) -> np.ndarray:
+        "How many interactions each of `n_items` items has."
+        counts = np.zeros(n_items, np.int64)
+        # in chunks: bincount widens int32 to int64, a copy as large as twice the items if done at once
+        for start in range(0, len(self.items), chunk):
+            part = np.bincount(self.items[start:start + chunk], minlength=n_items)
+            if len(part) > n_items:
+                raise DataError(f"histories reference item index {len(part) - 1}, beyond the catalog's {n_items} items")
+            counts += part
+        return counts
+
 # %% ../../notebooks/08_recommend.ipynb #2285ad4f
 @dataclass
 class Recommendation:
@@ -73,36 +173,47 @@ class Recommendation:
     ignored_history: list[int] = field(default_factory=list)
 
 class RecommendationEngine:
-    """Top-k recommendations from a saved model directory with its fitting interactions.
-    With `ann_min_items`, factor models over at least that many items rank with a `FaissTopK` index."""
+    """Top-k recommendations from a saved model directory with its fitting interactions (a table, or the
+    `UserHistories` built from it). With `ann_min_items`, factor models over at least that many items rank with a
+    `FaissTopK` index: the one saved at `ann_file` when given, else one built here."""
 
-    def __init__(self, model: Recommender, interactions: pd.DataFrame, ann_min_items: int | None = None,
-                 ann_nprobe: int = 32):
+    def __init__(self, model: Recommender, interactions: pd.DataFrame | UserHistories, ann_min_items: int | None = None,
+                 ann_nprobe: int = 32, ann_file: str | Path | None = None):
         self.model = model
         self.catalog = model.catalog
-        fitted = Interactions.from_frame(interactions, self.catalog)
-        self.histories = dict(zip(fitted.user_ids.tolist(), fitted.histories))
-        counts = fitted.item_counts(self.catalog.n_items).astype(np.float64)
+        self.histories = (interactions if isinstance(interactions, UserHistories)
+                          else UserHistories.from_frame(interactions, self.catalog))
+        counts = self.histories.item_counts(self.catalog.n_items).astype(np.float64)
         # popularity fallback: most interacted first, ties by catalog order
         self.popular = torch.as_tensor(counts - np.arange(len(counts)) / (10.0 * len(counts)), dtype=torch.float32)
         self.titles = self.catalog.items.title.fillna("").astype(str).to_numpy()
         vectors = factor_vectors(model) if ann_min_items is not None and self.catalog.n_items >= ann_min_items else None
-        self.user_vectors, self.ann = (vectors[0], FaissTopK(vectors[1], ann_nprobe)) if vectors else (None, None)
+        self.user_vectors, self.ann = None, None
+        if vectors:
+            self.user_vectors = vectors[0]
+            self.ann = (FaissTopK.open(ann_file, vectors[1], ann_nprobe) if ann_file is not None
+                        else FaissTopK(vectors[1], ann_nprobe))
 
     @classmethod
     def load(cls, directory: str | Path, **options) -> RecommendationEngine:
-        "The engine for a saved model directory; `options` go to the constructor (`ann_min_items`, `ann_nprobe`)."
+        """The engine for a saved model directory; `options` go to the constructor (`ann_min_items`, `ann_nprobe`).
+        Its `histories/` arrays and FAISS index are memory-mapped when it has them (a packaged model); else they
+        are built in memory from `interactions.parquet` and the item vectors."""
         directory = Path(directory)
+        ann_file = directory / ANN_FILE if (directory / ANN_FILE).exists() else None
+        if (directory / HISTORIES_DIR).is_dir():
+            return cls(load_model(directory), UserHistories.open(directory), ann_file=ann_file, **options)
         if not (directory / "interactions.parquet").exists():
             raise ReelrankError(f"{directory} has no interactions.parquet: point at models/selected (dvc repro select)")
-        return cls(load_model(directory), pd.read_parquet(directory / "interactions.parquet"), **options)
+        return cls(load_model(directory), pd.read_parquet(directory / "interactions.parquet"), ann_file=ann_file,
+                   **options)
 
     def knows_user(self, user_id: int) -> bool:
         return int(user_id) in self.histories
 
     def resolve(self, user_id: int | None, history: Sequence[int] | None) -> tuple[np.ndarray, list[int]]:
         "The history to score (catalog indices) and the raw history ids that are not in the catalog."
-        known = self.histories.get(int(user_id), np.zeros(0, np.int64)) if user_id is not None else np.zeros(0, np.int64)
+        known = self.histories.get(int(user_id)) if user_id is not None else np.zeros(0, np.int64)
         raw = np.asarray(list(history or []), dtype=np.int64)
         idx = self.catalog.index_of(raw)
         ignored = raw[idx < 0].tolist()
@@ -161,6 +272,18 @@ class RecommendationEngine:
         return pd.DataFrame(rows, columns=["user_id", "rank", "item_id", "title", "score", "fallback"]).astype(
             {"user_id": "int64", "rank": "int16", "item_id": "int64", "score": "float32"})
 
+# %% ../../notebooks/08_recommend.ipynb #a7b8c9d0
+def write_serving_files(directory: str | Path, ann_min_items: int | None) -> list[str]:
+    "Write the histories (and the FAISS index when the model ranks with one) into a saved model directory; their names."
+    directory = Path(directory)
+    model = load_model(directory)
+    UserHistories.from_frame(pd.read_parquet(directory / "interactions.parquet"), model.catalog).save(directory)
+    vectors = factor_vectors(model) if ann_min_items is not None and model.catalog.n_items >= ann_min_items else None
+    if vectors is None:
+        return [HISTORIES_DIR]
+    FaissTopK(vectors[1]).save(directory / ANN_FILE)
+    return [HISTORIES_DIR, ANN_FILE]
+
 # %% ../../notebooks/08_recommend.ipynb #6b4bfce9
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m reelrank.recommend", description="batch top-k recommendations")
@@ -175,7 +298,7 @@ def main(argv: list[str] | None = None) -> None:
     if not 1 <= args.k <= 1000:
         raise ReelrankError(f"--k must be in 1..1000, got {args.k}")
     engine = RecommendationEngine.load(args.model)
-    users = sorted(engine.histories) if args.all_users else args.users
+    users = engine.histories.user_ids.tolist() if args.all_users else args.users
     with atomic_output(args.out) as tmp:
         write_parquet(engine.recommend_users(users, args.k, exclude_seen=not args.include_seen), tmp)
     print(f"wrote {args.out}: {len(users)} users x top-{args.k}")

@@ -14,20 +14,24 @@ from .base import Recommender
 from ..split import Interactions
 
 # %% auto #0
-__all__ = ['fold_in', 'IALS']
+__all__ = ['fold_in_gram', 'fold_in', 'IALS']
 
 # %% ../../../notebooks/04d_models_ials.ipynb #917eb165
-def fold_in(item_factors: torch.Tensor, histories: Sequence[np.ndarray], alpha: float,
-            regularization: float) -> torch.Tensor:
-    "User factors that best explain each history given `item_factors` (one row per history)."
+def fold_in_gram(item_factors: torch.Tensor, regularization: float) -> torch.Tensor:
+    "YᵀY + λI in float64: the part of every fold-in that does not depend on the history."
     factors = item_factors.double()
-    n_factors = factors.shape[1]
-    gram = factors.T @ factors + regularization * torch.eye(n_factors, dtype=torch.float64)
+    return factors.T @ factors + regularization * torch.eye(factors.shape[1], dtype=torch.float64)
+
+def fold_in(item_factors: torch.Tensor, histories: Sequence[np.ndarray], alpha: float,
+            regularization: float, gram: torch.Tensor | None = None) -> torch.Tensor:
+    "User factors that best explain each history given `item_factors` (one row per history); `gram`: `fold_in_gram`'s."
+    gram = fold_in_gram(item_factors, regularization) if gram is None else gram
+    n_factors = gram.shape[0]
     lhs = gram.repeat(len(histories), 1, 1)
     rhs = torch.zeros(len(histories), n_factors, dtype=torch.float64)
     for row, items in enumerate(histories):
         if len(items):
-            rows = factors[torch.as_tensor(np.asarray(items), dtype=torch.long)]
+            rows = item_factors[torch.as_tensor(np.asarray(items), dtype=torch.long)].double()
             lhs[row] += (alpha - 1.0) * rows.T @ rows
             rhs[row] = alpha * rows.sum(0)
     return torch.linalg.solve(lhs, rhs).float()
