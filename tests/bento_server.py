@@ -82,6 +82,16 @@ def serving_for_load(model_dir: Path, serve: dict, work: Path) -> Iterator[tuple
         yield served
 
 
+# `status_mb(field)` for the benchmarks' child scripts (run with `python -c`): a field of /proc/self/status in MB,
+# e.g. VmHWM, this process's own peak resident memory (unlike ru_maxrss, which survives exec)
+STATUS_MB = """
+def status_mb(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return round(int(line.split()[1]) / 1024, 1)
+"""
+
+
 def write_figures(path: str | Path, figures: dict) -> None:
     "Write a benchmark's figures as JSON (under reports/benchmarks/) and say where."
     out = Path(path)

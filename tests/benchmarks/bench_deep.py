@@ -30,7 +30,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
-from bento_server import write_figures
+from bento_server import STATUS_MB, write_figures
 
 MOVIES = 62_423
 RATINGS_PER_USER = 100
@@ -47,11 +47,7 @@ from reelrank.models.base import FitContext, build_model
 from reelrank.split import SplitData, split_stage
 from reelrank.train import score_task
 
-def status_mb(field):
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return round(int(line.split()[1]) / 1024, 1)
-
+""" + STATUS_MB + """
 mode, work = sys.argv[1], Path(sys.argv[2])
 figures, started = {}, time.perf_counter()
 if mode == "generate":
@@ -101,20 +97,16 @@ print(json.dumps(figures))
 """
 
 
-def load_average() -> float:
-    return float(Path("/proc/loadavg").read_text().split()[0])
-
-
 def measure(mode: str, work: Path, argument: int) -> dict:
     "Run CHILD in a fresh interpreter; its figures with the wall seconds and the load before and after."
-    before, started = load_average(), time.perf_counter()
+    before, started = round(os.getloadavg()[0], 2), time.perf_counter()
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     done = subprocess.run([sys.executable, "-c", CHILD, mode, str(work), str(argument)], cwd=ROOT, env=env,
                           capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise SystemExit(f"{mode} at {work} failed:\n{done.stderr[-3000:]}")
     return {**json.loads(done.stdout.strip().splitlines()[-1]), "wall_seconds": round(time.perf_counter() - started, 1),
-            "load_before": before, "load_after": load_average()}
+            "load_before": before, "load_after": round(os.getloadavg()[0], 2)}
 
 
 def growth(result: dict, models: list[str]) -> list[dict]:
@@ -158,7 +150,6 @@ def main() -> None:
     for row in result["growth"]:
         print(f"{row['model']}: {row['data']:.0f}x the data -> {row['epoch_seconds']}x seconds per epoch, "
               f"{row['evaluate_seconds']}x evaluation seconds, {row['peak_rss']}x peak RSS")
-    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
-from bento_server import write_figures
+from bento_server import STATUS_MB, write_figures
 
 MOVIES = 62_423
 RATINGS_PER_USER = 100
@@ -40,11 +40,7 @@ from reelrank.metrics import evaluate_ranking
 from reelrank.models.ease import DENSE_MATRICES, EASE
 from reelrank.split import Catalog, HoldOut, Interactions
 
-def status_mb(field):
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return round(int(line.split()[1]) / 1024, 1)
-
+""" + STATUS_MB + """
 data, cap = sys.argv[1], sys.argv[2]
 catalog = Catalog.from_frame(pd.read_parquet(f"{data}/items.parquet"))
 everyone = Interactions.from_frame(pd.read_parquet(f"{data}/interactions.parquet"), catalog)

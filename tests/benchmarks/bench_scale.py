@@ -30,20 +30,16 @@ from bento_server import write_figures
 MODELS = ("popularity", "ease", "ials", "two_tower", "sasrec", "blend")
 
 
-def load_average() -> float:
-    return float(Path("/proc/loadavg").read_text().split()[0])
-
-
 def run_scale_profile(work: Path) -> tuple[Path, str, dict]:
     "Clone HEAD into `work` and run `make run PROFILE=scale` there under GNU time; the clone, time's output, loads."
     subprocess.run(["git", "clone", "--quiet", str(ROOT), str(work)], check=True)
-    before = load_average()
+    before = round(os.getloadavg()[0], 2)
     done = subprocess.run(["/usr/bin/time", "-v", "make", "run", "PROFILE=scale"], cwd=work, capture_output=True,
                           text=True, check=False)
     (work / "scale-run.log").write_text(done.stdout + done.stderr)
     if done.returncode != 0:
         raise SystemExit(f"make run PROFILE=scale failed in {work}:\n{done.stderr[-3000:]}")
-    return work, done.stderr, {"load_before": before, "load_after": load_average()}
+    return work, done.stderr, {"load_before": before, "load_after": round(os.getloadavg()[0], 2)}
 
 
 def gnu_time(text: str) -> dict:
@@ -94,7 +90,6 @@ def main() -> None:
         print(f"{name:>10}: val NDCG@10 {result['val_ndcg@10']:.4f}, test {result['test_ndcg@10']:.4f} "
               f"[{low:.4f}, {high:.4f}] over {result['users']['test']['evaluated']:,} of "
               f"{result['users']['test']['of']:,} users; fit {result['fit_seconds']} s, refit {result['refit_seconds']} s")
-    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

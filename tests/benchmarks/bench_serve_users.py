@@ -52,7 +52,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_capacity import RECOMMEND, one_client, percentiles
 from bench_overload import worker_cpu_seconds
-from bento_server import BIN, free_port, package, read_response, wait_until_ready, write_figures
+from bento_server import BIN, STATUS_MB, free_port, package, read_response, wait_until_ready, write_figures
 
 MOVIES = 62_423
 IALS_PARAMS = {"factors": 64, "iterations": 3, "alpha": 10.0, "regularization": 0.05}
@@ -116,13 +116,11 @@ def fit_model(data_dir: Path, model_dir: Path) -> dict:
 
 # Runs in a fresh interpreter; prints one JSON line: the histories held one way, and what holding them cost.
 SIZES_CHILD = """
-import json, re, sys, time
+import json, sys, time
 from pathlib import Path
 import pandas as pd
 mode, model_dir = sys.argv[1], Path(sys.argv[2])
-def status_mb(field):  # VmHWM, unlike ru_maxrss, is this process's own peak (ru_maxrss survives exec)
-    return int(re.search(field + r":\\s+(\\d+)", open("/proc/self/status").read()).group(1)) / 1024
-from reelrank.recommend import UserHistories
+""" + STATUS_MB + """from reelrank.recommend import UserHistories
 from reelrank.split import Catalog, Interactions
 before, started = status_mb("VmRSS"), time.perf_counter()
 if mode == "dict":  # what RecommendationEngine held before UserHistories
